@@ -1,0 +1,181 @@
+"""`LoRA`: the Lightning Callback that injects adapters, freezes the base, and keeps checkpoints small."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from typing_extensions import override
+
+from lightning_qlora._logging import rank_zero_info
+from lightning_qlora.lora.config import LoRAConfig
+from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_trainable, summarize
+from lightning_qlora.quantization.config import DEFAULT_EXCLUDE
+from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linear_layers
+
+
+class LoRA(Callback):
+    """Inject LoRA adapters into every linear layer (4-bit or not) and train only them.
+
+    Works with `QLoRAPrecision` (QLoRA) or without it (plain LoRA in 32 or 16 bit), whether the
+    LightningModule builds its model in `__init__` or in `configure_model`. Checkpoints written while it is
+    active hold the trainable weights and the training state, not the frozen base.
+
+    Args:
+        r, alpha, dropout: adapter rank, scale numerator (update scaled by alpha / r) and input dropout.
+        target_modules: module-name patterns to adapt; None adapts every linear layer.
+        exclude: patterns never adapted; the LM head (`lm_head`) by default.
+        rank_pattern, alpha_pattern: per-pattern overrides of r and alpha.
+        use_rslora: scale by alpha / sqrt(r).
+        modules_to_save: patterns of modules trained fully in full precision (a classifier head, say).
+        adapter_dtype: dtype of A and B ("float32" by default).
+        export_dir: if set, the adapters are written there in PEFT's format when fit ends (rank 0 only).
+        export_module: attribute of the LightningModule that is the base model PEFT would wrap; by default
+            its `model` attribute if there is one, else the LightningModule itself.
+        adapter_only_checkpoints: drop the frozen base from Lightning checkpoints.
+    """
+
+    def __init__(
+        self,
+        r: int = 64,
+        alpha: float = 16.0,
+        dropout: float = 0.1,
+        target_modules: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = DEFAULT_EXCLUDE,
+        rank_pattern: Mapping[str, int] | None = None,
+        alpha_pattern: Mapping[str, float] | None = None,
+        use_rslora: bool = False,
+        modules_to_save: Sequence[str] | str = (),
+        adapter_dtype: str = "float32",
+        export_dir: str | Path | None = None,
+        export_module: str | None = None,
+        adapter_only_checkpoints: bool = True,
+    ) -> None:
+        self.config = LoRAConfig(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,  # type: ignore[arg-type]
+            exclude=exclude if exclude is not None else (),  # type: ignore[arg-type]
+            rank_pattern=dict(rank_pattern or {}),
+            alpha_pattern=dict(alpha_pattern or {}),
+            use_rslora=use_rslora,
+            modules_to_save=modules_to_save,  # type: ignore[arg-type]
+            adapter_dtype=adapter_dtype,
+        )
+        self._check_exclude = tuple(self.config.exclude) != DEFAULT_EXCLUDE
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.export_module = export_module
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.adapted: list[str] = []
+        self._original_configure_model: Any = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_overridden("configure_model", pl_module):
+            self._inject_after_configure_model(pl_module)
+        if any(True for _ in iter_linear_layers(pl_module)):
+            self.inject(pl_module)
+        elif not is_overridden("configure_model", pl_module):
+            raise NoLinearLayersError(
+                f"{type(pl_module).__name__} has no torch.nn.Linear layer to adapt. Build the model in "
+                "__init__ or in configure_model."
+            )
+        if self.adapter_only_checkpoints:
+            pl_module.strict_loading = False  # the frozen base is not in our checkpoints; adapters are checked
+
+    def inject(self, pl_module: nn.Module) -> list[str]:
+        """Adapt `pl_module` now (idempotent): check patterns, wrap layers, freeze the rest, report."""
+        check_patterns(pl_module, self.config, check_exclude=self._check_exclude)
+        new = inject_adapters(pl_module, self.config)
+        set_trainable(pl_module)
+        if new:
+            self.adapted.extend(new)
+            rank_zero_info(summarize(pl_module).table())
+        return new
+
+    def _inject_after_configure_model(self, pl_module: pl.LightningModule) -> None:
+        """Models built in `configure_model` exist only after Callback.setup: adapt them right after."""
+        if self._original_configure_model is not None:
+            return
+        original = pl_module.configure_model
+
+        def configure_model_then_inject() -> None:
+            original()
+            self.inject(pl_module)
+
+        self._original_configure_model = original
+        pl_module.configure_model = configure_model_then_inject  # type: ignore[method-assign]
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._original_configure_model is not None:
+            del pl_module.configure_model  # drop the instance attribute: the class method shows through again
+            self._original_configure_model = None
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if not self.adapter_only_checkpoints:
+            return
+        keep = trainable_state_keys(pl_module)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        missing = sorted(trainable_state_keys(pl_module) - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise KeyError(
+                f"The checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. {missing[:4]}: it "
+                "was written with other LoRA targets or ranks, or without the LoRA callback."
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config", {})
+        current = asdict(self.config)
+        changed = {k: (saved[k], current[k]) for k in saved if k in current and saved[k] != current[k]}
+        if changed:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"Resuming with a different LoRA configuration than the checkpoint's: {detail}.")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir is not None and trainer.is_global_zero:
+            from lightning_qlora.lora.peft_format import save_peft_adapter
+
+            path = save_peft_adapter(export_root(pl_module, self.export_module), self.export_dir, self.config)
+            rank_zero_info(f"LoRA: adapters written in PEFT format to {path}")
+
+
+def export_root(pl_module: nn.Module, attribute: str | None = None) -> nn.Module:
+    """The module PEFT would wrap: keys in the export are relative to it."""
+    if attribute is not None:
+        root = getattr(pl_module, attribute, None)
+        if not isinstance(root, nn.Module):
+            raise AttributeError(f"export_module={attribute!r} is not a submodule of {type(pl_module).__name__}.")
+        return root
+    candidate = getattr(pl_module, "model", None)
+    return candidate if isinstance(candidate, nn.Module) else pl_module
+
+
+def trainable_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of what training changes: trainable parameters, plus buffers of trained modules."""
+    keys = {name for name, param in module.named_parameters() if param.requires_grad}
+    for name, sub in module.named_modules():
+        if any(p.requires_grad for p in sub.parameters(recurse=False)):
+            keys.update(f"{name}.{b}" if name else b for b, _ in sub.named_buffers(recurse=False))
+    return keys

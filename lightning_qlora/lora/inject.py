@@ -1,0 +1,154 @@
+"""Finding the linear layers to adapt, wrapping them, and freezing everything else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_qlora._modules import set_submodule
+from lightning_qlora._names import describe_names, logical_name, matches, matches_any, unmatched_patterns
+from lightning_qlora.lora.config import LoRAConfig
+from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.quantization.convert import iter_linear_layers, require_linear_layers
+from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR
+
+
+class PatternMatchError(ValueError):
+    """A module-name pattern names no module of the model (most often a typo)."""
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What injection did: the numbers the callback prints and tests check."""
+
+    adapted_layers: int
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def table(self) -> str:
+        return (
+            f"LoRA: {self.adapted_layers} adapted layers | trainable params {self.trainable_params:,} | "
+            f"total params {self.total_params:,} | trainable {100 * self.trainable_share:.3f}%"
+        )
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Every adapter in `model`, found by type, never by name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, layer in adapter_layers(model):
+        yield f"{name}.lora_A", layer.lora_A
+        yield f"{name}.lora_B", layer.lora_B
+
+
+def check_patterns(model: nn.Module, config: LoRAConfig, check_exclude: bool = False) -> None:
+    """Raise if a user-given pattern names no module, listing names that do exist."""
+    linear_names = [logical_name(n) for n, _ in iter_linear_layers(model)]
+    all_names = [logical_name(n) for n, _ in model.named_modules() if n]
+    checks: list[tuple[str, tuple[str, ...] | list[str], list[str]]] = [
+        ("target_modules", config.target_modules or (), linear_names),
+        ("rank_pattern", list(config.rank_pattern), linear_names),
+        ("alpha_pattern", list(config.alpha_pattern), linear_names),
+        ("modules_to_save", config.modules_to_save, all_names),
+    ]
+    if check_exclude:
+        checks.append(("exclude", config.exclude, linear_names))
+    for what, patterns, names in checks:
+        missing = unmatched_patterns(names, patterns)
+        if missing:
+            raise PatternMatchError(
+                f"LoRA {what} pattern(s) {missing} match no module of {type(model).__name__}. "
+                f"Some module names that exist: {describe_names(names)}."
+            )
+
+
+def inject_adapters(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Wrap every selected linear layer in a `LoRALinear`; already adapted layers are left alone.
+
+    Returns the names of the newly adapted layers. Idempotent, so it is safe to call again after
+    `configure_model` has built more of the model.
+    """
+    require_linear_layers(model)
+    mark_modules_to_save(model, config)
+    adapted = []
+    for name, linear in list(iter_linear_layers(model)):
+        if name.endswith("." + "base_layer") or isinstance(_parent(model, name), LoRALinear):
+            continue
+        if config.target_modules is not None and not matches_any(name, config.target_modules):
+            continue
+        if matches_any(name, config.exclude):
+            continue
+        r = _pattern_value(name, config.rank_pattern, config.r)
+        alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
+        layer = LoRALinear(
+            linear, r=int(r), alpha=float(alpha), dropout=config.dropout,
+            scaling=config.scaling(int(r), float(alpha)), dtype=config.dtype,
+        )
+        set_submodule(model, name, layer)
+        adapted.append(name)
+    return adapted
+
+
+def mark_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Flag `modules_to_save` so the quantizer keeps them in full precision and they stay trainable."""
+    marked = []
+    for name, module in model.named_modules():
+        if name and matches_any(name, config.modules_to_save):
+            setattr(module, KEEP_FULL_PRECISION_ATTR, True)
+            marked.append(name)
+    return marked
+
+
+def set_trainable(model: nn.Module) -> None:
+    """Freeze every parameter except adapters and the parameters of `modules_to_save`."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, param in adapter_parameters(model):
+        param.requires_grad_(True)
+    for module in model.modules():
+        if getattr(module, KEEP_FULL_PRECISION_ATTR, False):
+            for param in module.parameters():
+                if param.is_floating_point():
+                    param.requires_grad_(True)
+
+
+def summarize(model: nn.Module) -> AdapterSummary:
+    trainable = total = 0
+    for param in model.parameters():
+        n = logical_numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return AdapterSummary(
+        adapted_layers=sum(1 for _ in adapter_layers(model)), trainable_params=trainable, total_params=total
+    )
+
+
+def logical_numel(param: nn.Parameter) -> int:
+    """A 4-bit weight's parameter count is that of the matrix it encodes, not of its packed bytes."""
+    state = getattr(param, "quant_state", None)
+    if getattr(param, "bnb_quantized", False) and state is not None and state.shape is not None:
+        return int(state.shape.numel())
+    return param.numel()
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module | None:
+    parent_name, _, _ = name.rpartition(".")
+    return model.get_submodule(parent_name) if parent_name else None
+
+
+def _pattern_value(name: str, patterns: dict[str, float] | dict[str, int], default: float) -> float:
+    for pattern, value in patterns.items():
+        if matches(name, pattern):
+            return value
+    return default

@@ -1,0 +1,72 @@
+"""What to quantize and how: the knobs of QLoRA's storage format, checked before any work is done."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+QuantType = Literal["nf4", "fp4"]
+ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
+
+QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+# bitsandbytes' 4-bit kernels support these block sizes (CPU and CUDA).
+BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "16": torch.float16,
+}
+# Like PEFT's "all-linear": the output head of a language model stays in full precision.
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """The storage format of the frozen base weights.
+
+    Defaults are the QLoRA paper's: NF4, blocksize 64, double quantization of the absmax constants.
+    """
+
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: 'nf4' or 'fp4'."})
+    blocksize: int = field(default=64, metadata={"help": "Weights per absmax constant."})
+    double_quant: bool = field(default=True, metadata={"help": "Quantize the absmax constants to 8 bit."})
+    compute_dtype: str | torch.dtype = field(
+        default="auto", metadata={"help": "dtype of the dequantized matmul: auto, float32, bfloat16, float16."}
+    )
+    exclude: tuple[str, ...] = field(
+        default=DEFAULT_EXCLUDE,
+        metadata={"help": "Module-name patterns (fnmatch or dotted suffix) kept in full precision."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"Unknown quant_type {self.quant_type!r}; allowed: {', '.join(QUANT_TYPES)}.")
+        if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
+            raise ValueError(
+                f"Unsupported blocksize {self.blocksize!r}; allowed: {', '.join(map(str, BLOCKSIZES))}."
+            )
+        if not isinstance(self.compute_dtype, torch.dtype) and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"Unknown compute_dtype {self.compute_dtype!r}; allowed: {', '.join(COMPUTE_DTYPES)}"
+                " or a torch.dtype."
+            )
+        if isinstance(self.compute_dtype, torch.dtype) and not self.compute_dtype.is_floating_point:
+            raise ValueError(f"compute_dtype must be a floating dtype, got {self.compute_dtype}.")
+        object.__setattr__(self, "exclude", _as_patterns(self.exclude))
+
+
+def _as_patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...]:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        return (patterns,)
+    return tuple(str(p) for p in patterns)

@@ -1,0 +1,97 @@
+"""Walking a model and replacing its linear layers with 4-bit ones."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lightning_qlora._modules import set_submodule
+
+from lightning_qlora._names import logical_name, matches_any
+from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.quantization.layers import (
+    KEEP_FULL_PRECISION_ATTR,
+    is_linear4bit,
+    quantize_layer,
+    to_linear4bit,
+)
+
+
+class NoLinearLayersError(ValueError):
+    """The model has no `nn.Linear` layer, so there is nothing to quantize or adapt."""
+
+
+def iter_linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """Every `nn.Linear` (4-bit ones included) that is not inside a module kept in full precision."""
+    kept: list[str] = []
+    for name, module in model.named_modules():
+        if getattr(module, KEEP_FULL_PRECISION_ATTR, False):
+            kept.append(name + ".")
+            continue
+        if any(name.startswith(prefix) for prefix in kept):
+            continue
+        if isinstance(module, nn.Linear):
+            yield name, module
+
+
+def require_linear_layers(model: nn.Module) -> list[str]:
+    names = [name for name, _ in iter_linear_layers(model)]
+    if not names and not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise NoLinearLayersError(
+            f"{type(model).__name__} has no torch.nn.Linear layer: QLoRA quantizes and adapts linear "
+            "layers, so there is nothing to do. Build the model before setup (in __init__ or "
+            "configure_model)."
+        )
+    return names
+
+
+def quantization_targets(model: nn.Module, config: QuantizationConfig) -> list[tuple[str, nn.Linear]]:
+    """The linear layers `config` selects, still in full precision."""
+    return [
+        (name, layer)
+        for name, layer in iter_linear_layers(model)
+        if not is_linear4bit(layer) and not matches_any(name, config.exclude)
+    ]
+
+
+def replace_linear_layers(
+    model: nn.Module,
+    config: QuantizationConfig,
+    compute_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    quantize_now: bool = True,
+) -> list[str]:
+    """Swap every selected `nn.Linear` for a `Linear4bit`, one layer at a time.
+
+    With `quantize_now`, each layer is quantized right after its swap (on `device`, or where its weight
+    is), so peak memory grows by one layer, never by a second copy of the model. Without it, the packed
+    weights are produced when the model is moved to its device: that is how a CPU-built model that trains
+    on CUDA gets quantized on CUDA.
+    """
+    require_linear_layers(model)
+    converted = []
+    for name, linear in quantization_targets(model, config):
+        if linear.weight.device.type == "meta":
+            raise ValueError(
+                f"Layer {logical_name(name)!r} has its weights on the meta device. Load real weights first, "
+                "or load them through `lightning_qlora.load_quantized`, which quantizes them as they arrive."
+            )
+        layer = to_linear4bit(linear, config, compute_dtype)
+        set_submodule(model, name, layer)
+        if quantize_now:
+            quantize_layer(layer, device)
+        converted.append(name)
+    return converted
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Make every 4-bit layer dequantize straight into `dtype` and compute in it."""
+    for module in model.modules():
+        if is_linear4bit(module):
+            module.compute_dtype = dtype
+            module.compute_type_is_set = True
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None:
+                state.dtype = dtype

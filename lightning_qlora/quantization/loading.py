@@ -1,0 +1,193 @@
+"""Loading full-precision weights into a model and quantizing each linear weight as it arrives.
+
+The model is built without real weights (on the meta device, or under `Trainer.init_module(empty_init=True)`);
+tensors are then read one at a time from a safetensors file (memory-mapped) or a state dict, so peak memory
+stays near the quantized model plus one layer instead of the full-precision model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_qlora._modules import set_submodule
+
+from lightning_qlora._names import BASE_LAYER, describe_names
+from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.quantization.convert import quantization_targets, require_linear_layers, set_compute_dtype
+from lightning_qlora.quantization.layers import quantize_layer, set_full_precision_weight, to_linear4bit
+
+StateSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, torch.Tensor]
+
+
+def load_quantized(
+    model: nn.Module,
+    source: StateSource,
+    config: QuantizationConfig | None = None,
+    device: torch.device | str = "cpu",
+    compute_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    key_map: Callable[[str], str | None] | None = None,
+) -> list[str]:
+    """Fill `model` from `source`, quantizing the selected linear weights layer by layer on `device`.
+
+    `source` is a safetensors file, a list of shard files, a folder holding `*.safetensors`, or a state
+    dict. `dtype` casts the floating tensors that stay in full precision. `key_map` renames source keys
+    (return None to skip one). Returns the names of the quantized layers.
+    """
+    config = config or QuantizationConfig()
+    device = torch.device(device)
+    require_linear_layers(model)
+    targets = {name: layer for name, layer in quantization_targets(model, config)}
+    shells = {name: _shell(layer, config, compute_dtype) for name, layer in targets.items()}
+    for name, shell in shells.items():
+        set_submodule(model, name, shell)
+
+    expected = dict(_named_tensors(model))
+    aliases = _tied_names(model)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    with ExitStack() as stack:
+        for key, read in _iter_source(source, stack):
+            name = key_map(key) if key_map else key
+            if name is None:
+                continue
+            target = _resolve(name, expected)
+            if target is None:
+                unexpected.append(key)
+                continue
+            new = _assign(model, target, read(), device, dtype, shells)
+            loaded.add(target)
+            for alias in aliases.get(target, ()):  # tied weights (an LM head sharing the embedding) stay tied
+                if new is not None and alias not in loaded:
+                    _set_tensor(model, alias, new)
+                    loaded.add(alias)
+
+    missing = [n for n in expected if n not in loaded and _is_unset(model, n)]
+    if strict and (missing or unexpected):
+        raise KeyError(
+            "Loaded weights do not match the model: "
+            f"missing {describe_names(missing)}; unexpected {describe_names(unexpected)}. "
+            "Pass strict=False to skip them, or key_map= to rename source keys."
+        )
+    for name, shell in shells.items():
+        if getattr(shell.weight, "bnb_quantized", False) is False and shell.weight.device.type != "meta":
+            quantize_layer(shell, device)
+    if compute_dtype is not None:
+        set_compute_dtype(model, compute_dtype)
+    return list(shells)
+
+
+def _shell(layer: nn.Linear, config: QuantizationConfig, compute_dtype: torch.dtype | None) -> nn.Module:
+    """A 4-bit layer waiting for its weight; its full-precision tensor is never materialised here."""
+    if layer.weight.device.type != "meta":
+        layer = layer.to("meta")  # drop the uninitialised storage of empty_init models now
+    return to_linear4bit(layer, config, compute_dtype)
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {name: [n for n in names if n != name] for names in groups.values() if len(names) > 1 for name in names}
+
+
+def _resolve(name: str, expected: Mapping[str, torch.Tensor]) -> str | None:
+    """Map a source key to the model's, looking through adapter wrappers (`x.weight` -> `x.base_layer.weight`)."""
+    if name in expected:
+        return name
+    module, _, leaf = name.rpartition(".")
+    wrapped = f"{module}.{BASE_LAYER}.{leaf}" if module else f"{BASE_LAYER}.{leaf}"
+    return wrapped if wrapped in expected else None
+
+
+def _iter_source(source: StateSource, stack: ExitStack) -> Iterable[tuple[str, Callable[[], torch.Tensor]]]:
+    if isinstance(source, Mapping):
+        for key, tensor in source.items():
+            yield key, lambda tensor=tensor: tensor
+        return
+    from safetensors import safe_open
+
+    for path in _safetensors_files(source):
+        handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        for key in handle.keys():
+            yield key, lambda handle=handle, key=key: handle.get_tensor(key)
+
+
+def _safetensors_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob("*.safetensors"))
+            if not found:
+                raise FileNotFoundError(f"No *.safetensors file in {path}.")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix != ".safetensors":
+                raise ValueError(f"{path} is not a .safetensors file; only safetensors are read (never pickle).")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No such weights file or folder: {path}")
+    return files
+
+
+def _assign(
+    model: nn.Module,
+    name: str,
+    tensor: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    shells: Mapping[str, nn.Module],
+) -> torch.Tensor | None:
+    """Put one tensor in place; return it if it is a parameter others may be tied to."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    shell_name = module_name
+    if module_name in shells and leaf == "weight":
+        if tuple(tensor.shape) != (module.out_features, module.in_features):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit layer {shell_name!r}.")
+        set_full_precision_weight(module, tensor.to(device))
+        quantize_layer(module, device)
+        return None
+    old = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
+    if old is not None and old.device.type != "meta" and tuple(old.shape) != tuple(tensor.shape):
+        raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(old.shape)}.")
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    tensor = tensor.to(device)
+    if leaf in module._parameters:
+        requires_grad = old.requires_grad if old is not None else False
+        frozen = module_name in shells  # the bias of a quantized layer is frozen like its weight
+        param = nn.Parameter(tensor, requires_grad=requires_grad and not frozen)
+        module._parameters[leaf] = param
+        return param
+    module._buffers[leaf] = tensor
+    return None
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = tensor  # type: ignore[assignment]
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _is_unset(model: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    tensor = getattr(module, leaf)
+    return tensor is None or tensor.device.type == "meta"

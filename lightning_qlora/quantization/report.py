@@ -1,0 +1,140 @@
+"""What quantization did to a model, in layers, parameters and bytes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lightning_qlora.quantization.layers import SOURCE_DTYPE_ATTR, is_linear4bit, is_quantized
+
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """Counts and bytes of a (partly) quantized model; `bits_per_quantized_param` is the paper's metric."""
+
+    quantized_layers: int
+    kept_linear_layers: int
+    quantized_params: int
+    kept_params: int
+    quantized_bytes_before: int
+    quantized_bytes: int
+    kept_bytes: int
+
+    @property
+    def bits_per_quantized_param(self) -> float:
+        return 8 * self.quantized_bytes / self.quantized_params if self.quantized_params else 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.quantized_bytes + self.kept_bytes
+
+    @property
+    def total_bytes_before(self) -> int:
+        return self.quantized_bytes_before + self.kept_bytes
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            **asdict(self),
+            "bits_per_quantized_param": self.bits_per_quantized_param,
+            "total_bytes": self.total_bytes,
+            "total_bytes_before": self.total_bytes_before,
+        }
+
+    def table(self) -> str:
+        rows = [
+            ("", "layers", "parameters", "bytes before", "bytes now"),
+            (
+                "quantized (4-bit)",
+                str(self.quantized_layers),
+                f"{self.quantized_params:,}",
+                _human(self.quantized_bytes_before),
+                _human(self.quantized_bytes),
+            ),
+            (
+                "kept full precision",
+                f"{self.kept_linear_layers} linear",
+                f"{self.kept_params:,}",
+                _human(self.kept_bytes),
+                _human(self.kept_bytes),
+            ),
+            (
+                "total",
+                "",
+                f"{self.quantized_params + self.kept_params:,}",
+                _human(self.total_bytes_before),
+                _human(self.total_bytes),
+            ),
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                 for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"bits per quantized parameter: {self.bits_per_quantized_param:.3f}")
+        return "\n".join(lines)
+
+
+def quantization_report(model: nn.Module) -> QuantizationReport:
+    """Measure `model` as it is now: packed tensors count at their real size, pending ones as 4-bit."""
+    quantized_layers = kept_linear = quantized_params = kept_params = 0
+    before = after = kept_bytes = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if is_linear4bit(module):
+            weight = module.weight
+            n = module.in_features * module.out_features
+            quantized_layers += 1
+            quantized_params += n
+            source = getattr(module, SOURCE_DTYPE_ATTR, torch.float32)
+            before += n * source.itemsize
+            after += _quantized_weight_bytes(module) if is_quantized(module) else _expected_bytes(weight, n)
+            seen.add(id(weight))
+        elif isinstance(module, nn.Linear):
+            kept_linear += 1
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        kept_params += param.numel()
+        kept_bytes += param.numel() * param.element_size()
+    return QuantizationReport(
+        quantized_layers=quantized_layers,
+        kept_linear_layers=kept_linear,
+        quantized_params=quantized_params,
+        kept_params=kept_params,
+        quantized_bytes_before=before,
+        quantized_bytes=after,
+        kept_bytes=kept_bytes,
+    )
+
+
+def _quantized_weight_bytes(layer: nn.Module) -> int:
+    state = layer.weight.quant_state
+    total = layer.weight.data.numel() * layer.weight.data.element_size() + _nbytes(state.absmax)
+    if state.nested:
+        total += _nbytes(state.state2.absmax) + _nbytes(state.offset)
+    return total
+
+
+def _expected_bytes(weight: torch.Tensor, n: int) -> int:
+    """Storage a pending weight will take once packed: 4 bits plus its (double-)quantized absmax."""
+    blocksize = int(getattr(weight, "blocksize", 64))
+    blocks = -(-n // blocksize)
+    if getattr(weight, "compress_statistics", True):
+        return n // 2 + blocks + 4 * -(-blocks // 256) + 4
+    return n // 2 + 4 * blocks
+
+
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover
