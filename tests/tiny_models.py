@@ -1,0 +1,49 @@
+"""Tiny models shared by the quantization tests."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Two hidden linear layers and an LM-style head: enough to exercise selection and exclusion."""
+
+    def __init__(self, width: int = 64, classes: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, width), nn.GELU(), nn.Linear(width, width), nn.LayerNorm(width))
+        self.lm_head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.net(x))
+
+
+class TinyClassifier(pl.LightningModule):
+    """A LightningModule whose base is quantized; it trains the excluded head (and adapters, if any)."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model = TinyNet()
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def toy_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A learnable task: the class is the argmax of four fixed projections of the input."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, generator=g)
+    y = (x @ torch.randn(32, 4, generator=g)).argmax(dim=1)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
