@@ -3,7 +3,15 @@
 `Trainer(plugins=[QLoRAPrecision()], callbacks=[LoRA()], strategy=QLoRAStrategy())`
 """
 
-from lightning_qlora.lora import LoRA, LoRAConfig, LoRALinear
+from lightning_qlora.lora import (
+    LoRA,
+    LoRAConfig,
+    LoRALinear,
+    load_peft_adapter,
+    merge_adapters,
+    save_merged,
+    save_peft_adapter,
+)
 from lightning_qlora.precision import QLoRAPrecision
 from lightning_qlora.quantization import (
     QuantizationConfig,
@@ -11,6 +19,7 @@ from lightning_qlora.quantization import (
     load_quantized,
     quantization_report,
 )
+from lightning_qlora.strategies import OptimizerConfig, QLoRADDPStrategy, QLoRAStrategy
 
 __version__ = "0.1.0"
 
@@ -18,10 +27,17 @@ __all__ = [
     "LoRA",
     "LoRAConfig",
     "LoRALinear",
+    "OptimizerConfig",
+    "QLoRADDPStrategy",
     "QLoRAPrecision",
+    "QLoRAStrategy",
     "QuantizationConfig",
     "QuantizationReport",
     "__version__",
+    "load_peft_adapter",
     "load_quantized",
+    "merge_adapters",
     "quantization_report",
+    "save_merged",
+    "save_peft_adapter",
 ]

@@ -12,8 +12,17 @@ from lightning_qlora.lora.inject import (
     summarize,
 )
 from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.lora.merge import (
+    merge_adapters,
+    merge_in_place,
+    merged_state_dict,
+    save_merged,
+    unmerge_in_place,
+)
+from lightning_qlora.lora.peft_format import AdapterMismatchError, load_peft_adapter, save_peft_adapter
 
 __all__ = [
+    "AdapterMismatchError",
     "AdapterSummary",
     "LoRA",
     "LoRAConfig",
@@ -22,6 +31,13 @@ __all__ = [
     "adapter_layers",
     "adapter_parameters",
     "inject_adapters",
+    "load_peft_adapter",
+    "merge_adapters",
+    "merge_in_place",
+    "merged_state_dict",
+    "save_merged",
+    "save_peft_adapter",
     "set_trainable",
     "summarize",
+    "unmerge_in_place",
 ]

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
 
 from lightning_qlora._names import logical_name, matches_any
@@ -82,6 +83,7 @@ def replace_linear_layers(
         set_submodule(model, name, layer)
         if quantize_now:
             quantize_layer(layer, device)
+            release_freed_memory()
         converted.append(name)
     return converted
 

@@ -61,6 +61,10 @@ def to_linear4bit(linear: nn.Linear, config: QuantizationConfig, compute_dtype: 
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     layer.train(linear.training)
+    # bitsandbytes repacks weights in place for AVX512-BF16 CPU inference (eval mode, no grad). That
+    # switches the storage format between training and validation steps, forces bf16, and fails for
+    # layers narrower than a block; one format throughout keeps state dicts, merges and numerics stable.
+    layer.support_avx512bf16_for_cpu = False
     setattr(layer, SOURCE_DTYPE_ATTR, weight.dtype)
     layer._register_load_state_dict_pre_hook(_load_quantized_weight, with_module=True)
     return layer
@@ -91,7 +95,7 @@ def quantize_layer(layer: nn.Module, device: torch.device | str | None = None) -
     if target.type == "meta":
         raise RuntimeError("Cannot quantize a weight on the meta device: load real weights first.")
     layer.weight = weight._quantize(target)
-    if layer.bias is not None and layer.bias.device != target:
+    if layer.bias is not None and layer.bias.device not in (target, torch.device("meta")):
         layer.bias = nn.Parameter(layer.bias.data.to(target), requires_grad=False)
 
 

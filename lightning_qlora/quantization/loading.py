@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
 
 from lightning_qlora._names import BASE_LAYER, describe_names
@@ -53,21 +53,22 @@ def load_quantized(
     aliases = _tied_names(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
-    with ExitStack() as stack:
-        for key, read in _iter_source(source, stack):
-            name = key_map(key) if key_map else key
-            if name is None:
-                continue
-            target = _resolve(name, expected)
-            if target is None:
-                unexpected.append(key)
-                continue
-            new = _assign(model, target, read(), device, dtype, shells)
-            loaded.add(target)
-            for alias in aliases.get(target, ()):  # tied weights (an LM head sharing the embedding) stay tied
-                if new is not None and alias not in loaded:
-                    _set_tensor(model, alias, new)
-                    loaded.add(alias)
+    for key, read in _iter_source(source):
+        name = key_map(key) if key_map else key
+        if name is None:
+            continue
+        target = _resolve(name, expected)
+        if target is None:
+            unexpected.append(key)
+            continue
+        new = _assign(model, target, read(), device, dtype, shells)
+        loaded.add(target)
+        if target.rpartition(".")[0] in shells:
+            release_freed_memory()
+        for alias in aliases.get(target, ()):  # tied weights (an LM head sharing the embedding) stay tied
+            if new is not None and alias not in loaded:
+                _set_tensor(model, alias, new)
+                loaded.add(alias)
 
     missing = [n for n in expected if n not in loaded and _is_unset(model, n)]
     if strict and (missing or unexpected):
@@ -112,7 +113,7 @@ def _resolve(name: str, expected: Mapping[str, torch.Tensor]) -> str | None:
     return wrapped if wrapped in expected else None
 
 
-def _iter_source(source: StateSource, stack: ExitStack) -> Iterable[tuple[str, Callable[[], torch.Tensor]]]:
+def _iter_source(source: StateSource) -> Iterable[tuple[str, Callable[[], torch.Tensor]]]:
     if isinstance(source, Mapping):
         for key, tensor in source.items():
             yield key, lambda tensor=tensor: tensor
@@ -120,9 +121,19 @@ def _iter_source(source: StateSource, stack: ExitStack) -> Iterable[tuple[str, C
     from safetensors import safe_open
 
     for path in _safetensors_files(source):
-        handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-        for key in handle.keys():
-            yield key, lambda handle=handle, key=key: handle.get_tensor(key)
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            keys = list(handle.keys())
+        for key in keys:
+            yield key, lambda path=path, key=key: _read_one(path, key)
+
+
+def _read_one(path: Path, key: str) -> torch.Tensor:
+    """Read one tensor and unmap the file again: a handle kept open would leave every page it has read
+    resident, so the whole file would end up counted in the process's memory."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return handle.get_tensor(key)
 
 
 def _safetensors_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:

@@ -1,0 +1,40 @@
+"""OmegaConf resolvers the configs use, registered once on import of `lightning_qlora.config`."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+_WANDB_HOST = "api.wandb.ai"
+
+
+def wandb_logged_in() -> bool:
+    """True when wandb could authenticate without asking: an API key in the env or a netrc entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if not path.is_file():
+        return False
+    try:
+        return netrc.netrc(str(path)).authenticators(_WANDB_HOST) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_offline() -> bool:
+    """Log offline unless WANDB_MODE asks for online or a login exists: a run must never stop at a prompt."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return True
+    if mode == "online":
+        return False
+    return not wandb_logged_in()
+
+
+def register_resolvers() -> None:
+    """`${lq.wandb_offline:}`; safe to call more than once."""
+    if not OmegaConf.has_resolver("lq.wandb_offline"):
+        OmegaConf.register_new_resolver("lq.wandb_offline", wandb_offline)

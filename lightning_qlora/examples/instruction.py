@@ -1,0 +1,331 @@
+"""Alpaca-style instruction tuning of a causal language model.
+
+The loss is on the response only: prompt tokens and padding get the label ``-100``, so the model is not
+trained to reproduce the (repetitive) prompt template. As in :mod:`.classification`, LoRA, quantization
+and the optimizer are applied from outside by the Trainer, so there is no ``configure_optimizers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+from torchmetrics.text import Perplexity
+
+from .classification import (
+    JsonlDataModule,
+    TokenCountingModule,
+    check_pretrained_dir,
+    default_pretrained_path,
+    load_tokenizer,
+    pad_sequences,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger("lightning_qlora.examples")
+
+IGNORE_INDEX = -100
+PROMPT_TEMPLATE: dict[str, str] = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n"
+    ),
+}
+TINY_LLAMA_CONFIG: dict[str, Any] = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=512,
+)
+"""Defaults for a from-scratch model: small enough to train a few steps on a CPU in tests."""
+
+
+def format_prompt(record: Mapping[str, Any]) -> str:
+    """The alpaca prompt for a record; the ``input`` section is left out when the input is empty."""
+    if str(record.get("input") or "").strip():
+        return PROMPT_TEMPLATE["prompt_input"].format(
+            instruction=record["instruction"], input=record["input"]
+        )
+    return PROMPT_TEMPLATE["prompt_no_input"].format(instruction=record["instruction"])
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int, int]:
+    """(bos, eos, pad) ids, falling back to [CLS]/[SEP] for WordPiece tokenizers that have no BOS/EOS."""
+
+    def first(*ids: Any) -> int | None:
+        return next((int(i) for i in ids if i is not None), None)
+
+    bos = first(tokenizer.bos_token_id, tokenizer.cls_token_id)
+    eos = first(tokenizer.eos_token_id, tokenizer.sep_token_id)
+    if eos is None:
+        raise ValueError("The tokenizer has neither an EOS nor a SEP token to end responses with.")
+    pad = first(tokenizer.pad_token_id, eos)
+    assert pad is not None
+    return bos, eos, pad
+
+
+def encode_instruction(
+    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list[int]]:
+    """Tokenize prompt and response separately so the labels can mask the prompt exactly.
+
+    If the pair is too long, the response keeps at least a quarter of ``max_length`` (so every example has
+    some loss) and the prompt is cut from the left, which keeps ``### Response:`` next to the answer.
+    """
+    bos, eos, _ = special_token_ids(tokenizer)
+    prompt = ([bos] if bos is not None else []) + list(
+        tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
+    )
+    response = [*tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"], eos]
+    if len(prompt) + len(response) > max_length:
+        keep_response = min(len(response), max(max_length - len(prompt), max_length // 4))
+        response = response[:keep_response]
+        prompt = prompt[len(prompt) - (max_length - keep_response) :]
+    return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length examples, in random order: far less padding than random batches.
+
+    Each epoch: shuffle all indices (seeded), cut them into mega-batches of ``batch_size * mega_batch_mult``,
+    sort each mega-batch by length and split it into batches, then shuffle the batch order, putting the
+    batch with the longest example first so an out-of-memory error shows up at the first step. The
+    mega-batches keep batch composition random; the sort makes the padding small.
+
+    The epoch advances on every ``__iter__`` (Lightning only calls ``set_epoch`` on plain samplers). For
+    several processes pass ``num_replicas``/``rank`` and use ``Trainer(use_distributed_sampler=False)``.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        mega_batch_mult: int = 8,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1 or mega_batch_mult < 1:
+            raise ValueError("batch_size and mega_batch_mult must be positive")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.mega_batch_mult = mega_batch_mult
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n, size = len(self.lengths), self.batch_size
+        return math.ceil((n // size if self.drop_last else math.ceil(n / size)) / self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        mega = self.batch_size * self.mega_batch_mult
+        batches: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
+            batches.extend(chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size))
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+            batches.insert(0, batches.pop(longest))
+        if self.num_replicas > 1:  # every rank gets the same number of batches
+            total = len(self) * self.num_replicas
+            padded = (batches * math.ceil(total / max(len(batches), 1)))[:total]
+            batches = padded[self.rank :: self.num_replicas]
+        yield from batches
+
+
+class InstructionDataModule(JsonlDataModule):
+    """The packaged alpaca records, with response-only labels and (optionally) length-grouped batches.
+
+    Use the tokenizer of the model being trained: the MiniLM default matches
+    :class:`CausalLMInstructionModule` built from a config; for a pretrained model pass its folder.
+    """
+
+    default_data = "alpaca"
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        tokenizer_path: str | None = None,
+        batch_size: int = 8,
+        max_length: int = 128,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__(data_dir, tokenizer_path, batch_size, max_length, num_workers, seed)
+        self.group_by_length = group_by_length
+        # tokenizer_path is left out: with a logger, Lightning merges these hparams with the module's and
+        # refuses differing values, yet the module may hold None (its pretrained folder) for the same path.
+        # The module checks that the tokenizers agree instead (on_fit_start).
+        self.save_hyperparameters(ignore=["tokenizer_path"])
+
+    def encode(self, split: Dataset) -> Dataset:
+        tokenizer, max_length = self.tokenizer, self.max_length
+        return split.map(
+            lambda r: encode_instruction(r, tokenizer, max_length), remove_columns=split.column_names
+        )
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+        batch = self.pad_inputs(features, special_token_ids(self.tokenizer)[2])
+        batch["labels"] = pad_sequences([f["labels"] for f in features], IGNORE_INDEX)
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.group_by_length:
+            return super().train_dataloader()
+        self.setup()
+        trainer = self.trainer
+        sampler = LengthGroupedBatchSampler(
+            [len(ids) for ids in self.datasets["train"]["input_ids"]],
+            self.batch_size,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        return self.loader("train", batch_sampler=sampler)
+
+
+class CausalLMInstructionModule(TokenCountingModule):
+    """A causal LM (pretrained, or a tiny Llama built from a config) trained on response tokens.
+
+    Logs ``train/loss``, ``val/loss``, ``val/ppl`` and the token counters; after each validation epoch it
+    greedily answers the first ``num_samples_to_generate`` validation prompts and logs the text.
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer_path: str | None = None,
+        num_samples_to_generate: int = 2,
+        max_new_tokens: int = 16,
+    ) -> None:
+        super().__init__()
+        if pretrained_path is not None and model_config is not None:
+            raise ValueError("Pass either pretrained_path or model_config, not both.")
+        path = check_pretrained_dir(pretrained_path) if pretrained_path is not None else None
+        self.save_hyperparameters()
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        tokenizer_source = tokenizer_path or path or default_pretrained_path()
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(tokenizer_source)
+        bos, eos, pad = special_token_ids(self.tokenizer)
+        self.model: PreTrainedModel
+        if path is not None:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, local_files_only=True
+            )
+        else:
+            ids = dict(vocab_size=len(self.tokenizer), bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+            config = LlamaConfig(**{**TINY_LLAMA_CONFIG, **ids, **(model_config or {})})
+            self.model = AutoModelForCausalLM.from_config(config)
+        self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes
+        self.num_samples_to_generate = num_samples_to_generate
+        self.max_new_tokens = max_new_tokens
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self._sample_prompts: list[Tensor] = []
+
+    def on_fit_start(self) -> None:
+        """Different tokenizers in data and model train on garbage ids without any error: refuse early."""
+        data_tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        if data_tokenizer is not None and data_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(
+                "The datamodule's tokenizer differs from the model's: pass the model folder as the "
+                "datamodule's tokenizer_path."
+            )
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.count_tokens(batch["attention_mask"])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._sample_prompts = []
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        # position t predicts token t + 1: drop the last logit and the first label
+        self.val_ppl.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        size = batch["input_ids"].size(0)
+        self.log("val/loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("val/ppl", self.val_ppl, on_step=False, on_epoch=True, batch_size=size)
+        for ids, labels, mask in zip(
+            batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
+        ):
+            if len(self._sample_prompts) >= self.num_samples_to_generate:
+                break
+            response = (labels != IGNORE_INDEX).nonzero()
+            prompt_len = int(response[0]) if len(response) else int(mask.sum())
+            self._sample_prompts.append(ids[:prompt_len].detach())
+        return out.loss
+
+    @torch.no_grad()
+    def generate_samples(self, prompts: Sequence[Tensor]) -> list[tuple[str, str]]:
+        """Greedy answers, one prompt at a time so no (left-)padding is needed for a decoder-only model."""
+        _, eos, pad = special_token_ids(self.tokenizer)
+        rows = []
+        for prompt in prompts:
+            ids = prompt.unsqueeze(0).to(self.device)
+            out = self.model.generate(  # type: ignore[operator]
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+            texts = [prompt, out[0, ids.size(1) :]]
+            prompt_text, response = (str(self.tokenizer.decode(t, skip_special_tokens=True)) for t in texts)
+            rows.append((prompt_text, response))
+        return rows
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self._sample_prompts:
+            return
+        rows = self.generate_samples(self._sample_prompts)
+        self._sample_prompts = []
+        if not self.trainer.is_global_zero:
+            return
+        text_loggers = [lg for lg in self.loggers if callable(getattr(lg, "log_text", None))]
+        for lg in text_loggers:
+            lg.log_text(  # type: ignore[attr-defined]
+                key="val/samples",
+                columns=["prompt", "response"],
+                data=[list(r) for r in rows],
+                step=self.global_step,
+            )
+        if not text_loggers:
+            for prompt, response in rows:
+                log.info("step %d sample\nprompt: %s\nresponse: %s", self.global_step, prompt, response)

@@ -1,0 +1,253 @@
+"""Folding adapters into the base: a plain model (no LoRA, no 4-bit) to serve or share as one checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qlora._atomic import atomic_directory
+from lightning_qlora._modules import set_submodule
+from lightning_qlora.lora.inject import adapter_layers
+from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR, dequantize_weight, is_linear4bit
+
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn an adapted (and possibly 4-bit) model into a plain one, IN PLACE, and return it.
+
+    Every `LoRALinear` becomes the `nn.Linear` of its merged weight and every remaining 4-bit layer a
+    dequantized `nn.Linear`, so nothing of this package or bitsandbytes is needed to run the result. A
+    4-bit base is dequantized exactly as the 4-bit forward pass dequantizes it, so outputs match the
+    adapted model's up to rounding. New layers are float32 (a 4-bit base) or their base weight's dtype,
+    unless `dtype` is given, in which case the whole model is cast to it. The adapted model is gone
+    afterwards: `copy.deepcopy` it first to keep it, or use `save_merged`, which leaves it untouched.
+    """
+    if isinstance(model, LoRALinear):
+        return _plain_linear(model, dtype)
+    for name, module in list(model.named_modules()):
+        if (
+            name
+            and (isinstance(module, LoRALinear) or is_linear4bit(module))
+            and _attached(model, name, module)
+        ):
+            set_submodule(model, name, _plain_linear(module, dtype))
+    for module in model.modules():
+        if KEEP_FULL_PRECISION_ATTR in vars(module):
+            delattr(module, KEEP_FULL_PRECISION_ATTR)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def _attached(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """False for a layer inside an adapter already replaced in this pass (its base layer, say)."""
+    try:
+        return model.get_submodule(name) is module
+    except AttributeError:
+        return False
+
+
+def _plain_linear(module: nn.Module, dtype: torch.dtype | None) -> nn.Linear:
+    if isinstance(module, LoRALinear):
+        linear = module.merged_linear(dtype)
+    else:
+        assert isinstance(module, nn.Linear)  # bitsandbytes' Linear4bit subclasses it
+        weight = dequantize_weight(module, torch.float32)
+        linear = nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=weight.device,
+            dtype=dtype or torch.float32,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+    linear.requires_grad_(False)
+    linear.train(module.training)
+    return linear
+
+
+def merge_in_place(model: nn.Module) -> list[str]:
+    """Fold every adapter into its full-precision base weight (undone by `unmerge_in_place`).
+
+    The layers stay `LoRALinear` and skip the adapter path while merged: faster inference without
+    giving up the adapters. Refuses (before changing anything) if any base is 4-bit.
+    """
+    layers = list(adapter_layers(model))
+    four_bit = [name for name, layer in layers if is_linear4bit(layer.base_layer)]
+    if four_bit:
+        raise TypeError(
+            f"Cannot merge in place into 4-bit base layers ({four_bit[:4]}): re-quantizing would lose the "
+            "update. Use merge_adapters, which dequantizes the base and returns a plain model."
+        )
+    for _, layer in layers:
+        layer.merge()
+    return [name for name, _ in layers]
+
+
+def unmerge_in_place(model: nn.Module) -> list[str]:
+    """Take every merged adapter back out of its base weight (exact up to float rounding)."""
+    layers = list(adapter_layers(model))
+    for _, layer in layers:
+        layer.unmerge()
+    return [name for name, _ in layers]
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict `merge_adapters(model, dtype)` would have, computed without changing `model`.
+
+    Keys are those of the plain model (no `base_layer`, no 4-bit statistics). Tensors tied in the
+    model stay tied (the same tensor under both keys).
+    """
+    state: dict[str, torch.Tensor] = {}
+    replaced: list[str] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(prefix) for prefix in replaced):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LoRALinear) or is_linear4bit(module):
+            linear = _plain_linear(module, dtype)
+            state[prefix + "weight"] = linear.weight.detach()
+            if linear.bias is not None:
+                state[prefix + "bias"] = linear.bias.detach()
+            replaced.append(prefix)
+            if not name:
+                break
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            state[prefix + key] = param.detach()
+        for key, buffer in module.named_buffers(recurse=False):
+            if key not in module._non_persistent_buffers_set:
+                state[prefix + key] = buffer.detach()
+    if dtype is None:
+        return state
+    cast: dict[tuple[Any, ...], torch.Tensor] = {}
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            same = (
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tensor.shape,
+                tensor.stride(),
+            )
+            if same not in cast:  # tied weights: cast once, so they stay one tensor
+                cast[same] = tensor.to(dtype)
+            state[key] = cast[same]
+    return state
+
+
+def save_merged(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write the merged plain model as safetensors, atomically; `model` itself is not changed.
+
+    A transformers model is written with its own `save_pretrained` (config, generation config, shards,
+    tied weights), so the folder loads with `AutoModel*.from_pretrained`. Any other module is written as
+    `model.safetensors` (sharded with an index past `max_shard_size`), loadable with
+    `model.load_state_dict(safetensors.torch.load_file(...))` into the unadapted architecture.
+    """
+    state = merged_state_dict(model, dtype)
+    with atomic_directory(directory) as tmp:
+        if callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config"):
+            _save_pretrained(model, tmp, state, max_shard_size)
+        else:
+            save_state_dict(state, tmp, max_shard_size)
+    return Path(directory)
+
+
+def _save_pretrained(
+    model: Any, folder: Path, state: dict[str, torch.Tensor], max_shard_size: int | str
+) -> None:
+    floating = Counter(t.dtype for t in state.values() if t.is_floating_point())
+    model.save_pretrained(str(folder), state_dict=dict(state), max_shard_size=max_shard_size)
+    # transformers records the dtype of the model object, which holds adapters and 4-bit weights; record
+    # the dtype of the weights actually written, which `from_pretrained(dtype="auto")` reads.
+    config_path = folder / "config.json"
+    if config_path.is_file() and floating:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        dtype_name = str(floating.most_common(1)[0][0]).removeprefix("torch.")
+        config["dtype"] = dtype_name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB"
+) -> list[Path]:
+    """Write `state` into `folder` as `model.safetensors`, or as shards plus an index past `max_shard_size`.
+
+    safetensors refuses tensors that share memory, so tied tensors are written as separate copies.
+    """
+    from safetensors.torch import save_file
+
+    tensors = _independent_cpu_tensors(state)
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        path = folder / SAFETENSORS_NAME
+        save_file(shards[0], str(path), metadata=metadata)
+        return [path]
+    paths, weight_map = [], {}
+    for index, shard in enumerate(shards, start=1):
+        path = folder / f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, path.name))
+        paths.append(path)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
+    return paths
+
+
+def _independent_cpu_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in state.items():
+        value = tensor.detach().to("cpu").contiguous()
+        if value.untyped_storage().data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or a string such as "5GB" (decimal) or "4GiB" (binary), as in transformers."""
+    if isinstance(size, int):
+        return size
+    match = _SIZE.match(size)
+    if not match:
+        raise ValueError(f"Cannot read a size from {size!r}; use bytes or a string such as '5GB' or '500MB'.")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "B").upper()])

@@ -1,0 +1,143 @@
+"""`lightning-qlora-train` (or `python -m lightning_qlora.train`): QLoRA fine-tuning from a Hydra config.
+
+    lightning-qlora-train                                  # MiniLM sentiment, NF4 + DQ, a few CPU minutes
+    lightning-qlora-train lora.r=16 precision=nf4 trainer.max_steps=100
+    lightning-qlora-train experiment=alpaca_tiny_llama logger=wandb
+    lightning-qlora-train -m lora.r=8,64                   # one run per value
+    lightning-qlora-train --cfg job                        # print the composed config and exit
+
+The job validates once before training (the untuned metric), fits, validates again, then prints a summary
+and writes it as `summary.json` to the run folder. It returns the tuned metric, for Hydra's sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import hydra
+from omegaconf import DictConfig
+
+from lightning_qlora.config import conf_dir
+
+if TYPE_CHECKING:
+    from lightning_qlora.config.job import JobParts
+
+log = logging.getLogger(__name__)
+
+SETUP_ERROR_EXIT_CODE = 2
+# Libraries that log through their own handler when imported before Hydra configured logging.
+_LIBRARY_LOGGERS = ("lightning_qlora", "lightning", "lightning.pytorch", "lightning.fabric")
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point: Hydra composes and checks the config; the job is built, trained and summarized."""
+    from lightning.pytorch import seed_everything
+
+    from lightning_qlora.config.job import SetupError, build
+
+    route_library_logs()
+    start = time.perf_counter()
+    seed_everything(cfg.seed, workers=True)
+    try:
+        parts = build(cfg)
+    except SetupError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error in config node {err}", file=sys.stderr)
+        print("(Set HYDRA_FULL_ERROR=1 for the traceback.)", file=sys.stderr)
+        sys.exit(SETUP_ERROR_EXIT_CODE)
+    return run(cfg, parts, start)
+
+
+def run(cfg: DictConfig, parts: JobParts, start: float) -> float | None:
+    """Validate (untuned), fit, validate (tuned), summarize; returns the tuned metric."""
+    from lightning_qlora.config.job import finish_loggers
+    from lightning_qlora.config.summary import metrics_dict
+
+    trainer, model, datamodule = parts.trainer, parts.model, parts.datamodule
+    before: dict[str, Any] = {}
+    if cfg.validate_before:
+        before = metrics_dict(trainer.validate(model, datamodule=datamodule, verbose=False)[0])
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    after = metrics_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")})
+    if cfg.validate_after:
+        after = metrics_dict(trainer.validate(model, datamodule=datamodule, verbose=False)[0])
+    summary = summarize(cfg, parts, before, after, time.perf_counter() - start)
+    finish_loggers(parts.loggers)
+    tuned = summary["metric"]["tuned"]
+    return float(tuned) if isinstance(tuned, (int, float)) else None
+
+
+def summarize(
+    cfg: DictConfig, parts: JobParts, before: dict[str, Any], after: dict[str, Any], wall_time_s: float
+) -> dict[str, Any]:
+    """Collect the summary; rank 0 prints it and writes `summary.json` to the run folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lightning_qlora.config.summary import compare, format_summary, metrics_dict, peak_memory, write_summary
+
+    trainer, throughput, precision = parts.trainer, parts.throughput, parts.precision
+    run_dir = Path(cfg.paths.output_dir)
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    adapter_dir = parts.lora.export_dir
+    checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    summary: dict[str, Any] = {
+        "task_name": cfg.task_name,
+        "run_dir": str(run_dir),
+        "choices": dict(hydra_cfg.runtime.choices) if hydra_cfg is not None else {},
+        "overrides": list(hydra_cfg.overrides.task) if hydra_cfg is not None else [],
+        "metric": compare(cfg.metric.name, cfg.metric.mode, before, after),
+        "validation": {"untuned": before, "tuned": after},
+        "train": {
+            "steps": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "final_metrics": metrics_dict(
+                {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+            ),
+            "time_s": throughput.train_time_s if throughput else None,
+            "tokens": throughput.tokens if throughput else None,
+            "tokens_per_sec": throughput.tokens_per_sec if throughput else None,
+            "global_tokens_per_sec": throughput.global_tokens_per_sec if throughput else None,
+            "steps_per_sec": throughput.steps_per_sec if throughput else None,
+            "world_size": trainer.world_size,
+        },
+        "trainable_params": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
+        "compute_dtype": str(precision.compute_dtype).removeprefix("torch.") if precision is not None else None,
+        "quantization": precision.report.as_dict() if getattr(precision, "report", None) else None,
+        "memory": peak_memory(),
+        "adapter_dir": str(adapter_dir) if adapter_dir is not None and adapter_dir.is_dir() else None,
+        "log_dir": next((lg.log_dir for lg in parts.loggers if getattr(lg, "log_dir", None)), None),
+        "checkpoint": checkpoint,
+        "wall_time_s": wall_time_s,
+        "summary_path": str(run_dir / "summary.json"),
+    }
+    if trainer.is_global_zero:
+        write_summary(summary, run_dir)
+        print("\n" + format_summary(summary), flush=True)
+    return summary
+
+
+def route_library_logs() -> None:
+    """Send the package's and Lightning's messages through Hydra's handlers (console and `<job>.log`).
+
+    Both install their own stream handler when imported before any logging configuration, which is the
+    case here (the config schema is imported before Hydra starts), so their records would miss the file.
+    """
+    if not logging.getLogger().handlers:
+        return  # Hydra's job logging is disabled: keep the libraries' own handlers
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+if __name__ == "__main__":
+    main()
