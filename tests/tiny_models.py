@@ -12,7 +12,9 @@ class TinyNet(nn.Module):
 
     def __init__(self, width: int = 64, classes: int = 4) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(32, width), nn.GELU(), nn.Linear(width, width), nn.LayerNorm(width))
+        self.net = nn.Sequential(
+            nn.Linear(32, width), nn.GELU(), nn.Linear(width, width), nn.LayerNorm(width)
+        )
         self.lm_head = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,9 +43,13 @@ class TinyClassifier(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
-def toy_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> torch.utils.data.DataLoader:
+def toy_loader(
+    n: int = 64, batch_size: int = 16, seed: int = 0, shuffle: bool = False
+) -> torch.utils.data.DataLoader:
     """A learnable task: the class is the argmax of four fixed projections of the input."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 32, generator=g)
     y = (x @ torch.randn(32, 4, generator=g)).argmax(dim=1)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle
+    )

@@ -14,6 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora._logging import rank_zero_info
+from lightning_qlora._rng import capture_rng_state, restore_rng_state
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_trainable, summarize
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE
@@ -141,7 +142,9 @@ class LoRA(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config)}
+        # The RNG state travels with the checkpoint so adapter dropout draws the same masks after a resume
+        # as in an uninterrupted run: Lightning does not save it on its own.
+        return {"config": asdict(self.config), "rng": capture_rng_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -151,6 +154,8 @@ class LoRA(Callback):
         if changed:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"Resuming with a different LoRA configuration than the checkpoint's: {detail}.")
+        if "rng" in state_dict:
+            restore_rng_state(state_dict["rng"])
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -82,7 +82,7 @@ def inject_adapters(model: nn.Module, config: LoRAConfig) -> list[str]:
     mark_modules_to_save(model, config)
     adapted = []
     for name, linear in list(iter_linear_layers(model)):
-        if name.endswith("." + "base_layer") or isinstance(_parent(model, name), LoRALinear):
+        if isinstance(_parent(model, name), LoRALinear):
             continue
         if config.target_modules is not None and not matches_any(name, config.target_modules):
             continue
@@ -91,9 +91,14 @@ def inject_adapters(model: nn.Module, config: LoRAConfig) -> list[str]:
         r = _pattern_value(name, config.rank_pattern, config.r)
         alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
         layer = LoRALinear(
-            linear, r=int(r), alpha=float(alpha), dropout=config.dropout,
-            scaling=config.scaling(int(r), float(alpha)), dtype=config.dtype,
+            linear,
+            r=int(r),
+            alpha=float(alpha),
+            dropout=config.dropout,
+            scaling=config.scaling(int(r), float(alpha)),
+            dtype=config.dtype,
         )
+        layer.train(linear.training)
         set_submodule(model, name, layer)
         adapted.append(name)
     return adapted
@@ -147,7 +152,7 @@ def _parent(model: nn.Module, name: str) -> nn.Module | None:
     return model.get_submodule(parent_name) if parent_name else None
 
 
-def _pattern_value(name: str, patterns: dict[str, float] | dict[str, int], default: float) -> float:
+def _pattern_value(name: str, patterns: Mapping[str, float], default: float) -> float:
     for pattern, value in patterns.items():
         if matches(name, pattern):
             return value

@@ -111,18 +111,28 @@ def test_loading_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 PEAK_SCRIPT = """
-import json, resource, sys, psutil, torch
+import json, sys, torch
 from torch import nn
 from lightning_qlora import load_quantized
 from lightning_qlora.quantization import QuantizationConfig, replace_linear_layers
 
 def build():
-    return nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(12)])
+    return nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(LAYERS)])
 
-path, mode = sys.argv[1], sys.argv[2]
+path, mode, LAYERS = sys.argv[1], sys.argv[2], int(sys.argv[3])
 config = QuantizationConfig(compute_dtype="float32")
 replace_linear_layers(nn.Sequential(nn.Linear(256, 256)), config)  # one-time library set-up, not load cost
-base = psutil.Process().memory_info().rss // 1024  # ru_maxrss may already hold a higher import-time peak
+
+
+def status_kib(field):
+    # VmHWM is this process's own peak (ru_maxrss would carry the forking parent's RSS over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current size
+base = status_kib("VmRSS")
 if mode == "meta":
     with torch.device("meta"):
         model = build()
@@ -132,29 +142,31 @@ else:
     model = build()
     model.load_state_dict(load_file(path))
     replace_linear_layers(model, config)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kib("VmHWM")
 print(json.dumps({"peak_growth_kib": peak - base}))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads Linux's per-process peak RSS")
 def test_meta_load_keeps_peak_memory_near_the_quantized_size(tmp_path: Path) -> None:
-    """12 layers of 2048x2048 fp32 (192 MiB): loading then converting holds the full model (twice, with the
-    loaded state dict); `load_quantized` holds the 4-bit model (25 MiB) plus one layer in flight: its 16 MiB
+    """24 layers of 2048x2048 fp32 (384 MiB): loading then converting holds the full model (twice, with the
+    loaded state dict); `load_quantized` holds the 4-bit model (50 MiB) plus one layer in flight: its 16 MiB
     and bitsandbytes' CPU quantization temporaries (about 60 MiB for a 4M-weight layer)."""
+    layers = 24
     weights = tmp_path / "model.safetensors"
     torch.manual_seed(0)
-    save_file({f"{i}.weight": torch.randn(2048, 2048) for i in range(12)}, weights)
+    save_file({f"{i}.weight": torch.randn(2048, 2048) for i in range(layers)}, weights)
     script = tmp_path / "peak.py"
     script.write_text(PEAK_SCRIPT)
     growth = {}
     for mode in ("meta", "full"):
         out = subprocess.run(
-            [sys.executable, str(script), str(weights), mode], capture_output=True, text=True, timeout=300
+            [sys.executable, str(script), str(weights), mode, str(layers)], capture_output=True, text=True, timeout=300
         )
         assert out.returncode == 0, out.stderr
         growth[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_kib"] / 1024
-    full_size_mib = 12 * 2048 * 2048 * 4 / 2**20
+    full_size_mib = layers * 2048 * 2048 * 4 / 2**20
     assert growth["full"] > 0.9 * full_size_mib
-    assert growth["meta"] < 0.65 * full_size_mib, growth
-    assert growth["meta"] < 0.4 * growth["full"], growth
+    assert growth["meta"] < 0.5 * full_size_mib, growth  # measured: 136 MiB against 769 MiB
+    assert growth["meta"] < 0.25 * growth["full"], growth
