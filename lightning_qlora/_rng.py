@@ -11,7 +11,8 @@ import torch
 
 def capture_rng_state() -> dict[str, Any]:
     """torch, CUDA, Python and NumPy generator states: what dropout and shuffling draw from."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    assert not isinstance(keys, str)
     version, state, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

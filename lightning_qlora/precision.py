@@ -16,7 +16,7 @@ from lightning_qlora._logging import rank_zero_info
 from lightning_qlora.quantization.compute_dtype import resolve_compute_dtype
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
 from lightning_qlora.quantization.convert import replace_linear_layers, set_compute_dtype
-from lightning_qlora.quantization.layers import is_linear4bit, quantize_layer
+from lightning_qlora.quantization.layers import Linear4bit, is_linear4bit, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
 
 
@@ -57,7 +57,7 @@ class QLoRAPrecision(Precision):
             blocksize=blocksize,
             double_quant=double_quant,
             compute_dtype=compute_dtype,
-            exclude=tuple(exclude) if exclude is not None and not isinstance(exclude, str) else exclude or (),
+            exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude or ()),
         )
         self.log_report = log_report
         self.report: QuantizationReport | None = None
@@ -79,7 +79,7 @@ class QLoRAPrecision(Precision):
         self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
         """Runs after the model reached its device: finish quantizing, fix the compute dtype, report."""
-        layers = [m for m in model.modules() if is_linear4bit(m)]
+        layers: list[Linear4bit] = [m for m in model.modules() if is_linear4bit(m)]
         for layer in layers:
             quantize_layer(layer)
         if layers:
@@ -100,5 +100,6 @@ def _accelerator_device(module: nn.Module) -> torch.device | None:
     """The accelerator the linear weights already live on (a model built in `configure_model`), if any."""
     for sub in module.modules():
         if isinstance(sub, nn.Linear) and sub.weight.device.type not in ("cpu", "meta"):
-            return sub.weight.device
+            device: torch.device = sub.weight.device
+            return device
     return None

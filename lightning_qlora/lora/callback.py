@@ -89,7 +89,9 @@ class LoRA(Callback):
                 "__init__ or in configure_model."
             )
         if self.adapter_only_checkpoints:
-            pl_module.strict_loading = False  # the frozen base is not in our checkpoints; adapters are checked
+            pl_module.strict_loading = (
+                False  # the frozen base is not in our checkpoints; adapters are checked
+            )
 
     def inject(self, pl_module: nn.Module) -> list[str]:
         """Adapt `pl_module` now (idempotent): check patterns, wrap layers, freeze the rest, report."""
@@ -136,8 +138,8 @@ class LoRA(Callback):
         missing = sorted(trainable_state_keys(pl_module) - set(checkpoint.get("state_dict", {})))
         if missing:
             raise KeyError(
-                f"The checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. {missing[:4]}: it "
-                "was written with other LoRA targets or ranks, or without the LoRA callback."
+                f"The checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. {missing[:4]}: "
+                "it was written with other LoRA targets or ranks, or without the LoRA callback."
             )
 
     @override
@@ -171,7 +173,9 @@ def export_root(pl_module: nn.Module, attribute: str | None = None) -> nn.Module
     if attribute is not None:
         root = getattr(pl_module, attribute, None)
         if not isinstance(root, nn.Module):
-            raise AttributeError(f"export_module={attribute!r} is not a submodule of {type(pl_module).__name__}.")
+            raise AttributeError(
+                f"export_module={attribute!r} is not a submodule of {type(pl_module).__name__}."
+            )
         return root
     candidate = getattr(pl_module, "model", None)
     return candidate if isinstance(candidate, nn.Module) else pl_module

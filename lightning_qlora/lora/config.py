@@ -13,16 +13,22 @@ from lightning_qlora.quantization.config import COMPUTE_DTYPES, DEFAULT_EXCLUDE
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Where adapters go and how big they are. Defaults are the QLoRA paper's (r=64, alpha=16, dropout 0.1)."""
+    """Where adapters go and how big they are.
+
+    Defaults are the QLoRA paper's: r=64, alpha=16, dropout 0.1, every linear layer but the LM head.
+    """
 
     r: int = field(default=64, metadata={"help": "Rank of the update B @ A."})
-    alpha: float = field(default=16.0, metadata={"help": "Scale numerator: the update is scaled by alpha / r."})
+    alpha: float = field(
+        default=16.0, metadata={"help": "Scale numerator: the update is scaled by alpha / r."}
+    )
     dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter's input, in [0, 1)."})
     target_modules: tuple[str, ...] | None = field(
         default=None, metadata={"help": "Module-name patterns to adapt; None means every linear layer."}
     )
     exclude: tuple[str, ...] = field(
-        default=DEFAULT_EXCLUDE, metadata={"help": "Module-name patterns never adapted (the LM head by default)."}
+        default=DEFAULT_EXCLUDE,
+        metadata={"help": "Module-name patterns never adapted (the LM head by default)."},
     )
     rank_pattern: Mapping[str, int] = field(
         default_factory=dict, metadata={"help": "Per-pattern rank overrides, e.g. {'q_proj': 16}."}

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_qlora._names import BASE_LAYER
@@ -114,8 +114,13 @@ class LoRALinear(nn.Module):
 def _accept_unwrapped_keys(
     state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool, *args: Any
 ) -> None:
-    """Let a checkpoint of the unadapted model load into the adapted one (`x.weight` -> `x.base_layer.weight`)."""
+    """Let a checkpoint of the unadapted model load into the adapted one.
+
+    `x.weight` becomes `x.base_layer.weight`, so a base checkpoint loads after adapters were injected.
+    """
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "lora_")]:
         rest = key[len(prefix) :]
-        if not rest.startswith(BASE_LAYER + ".") and (rest in ("weight", "bias") or rest.startswith("weight.")):
+        if not rest.startswith(BASE_LAYER + ".") and (
+            rest in ("weight", "bias") or rest.startswith("weight.")
+        ):
             state_dict[prefix + BASE_LAYER + "." + rest] = state_dict.pop(key)

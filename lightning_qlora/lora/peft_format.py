@@ -405,7 +405,7 @@ def _adapter_plan(
 ) -> dict[str, tuple[int, float]]:
     """(r, alpha) of every adapted module per the config, checked against the rank of the tensors."""
     r = int(peft_config.get("r", 8))
-    alpha = float(peft_config.get("lora_alpha", r))
+    alpha = float(peft_config.get("lora_alpha", 8))  # PEFT's default
     rank_pattern = peft_config.get("rank_pattern") or {}
     alpha_pattern = peft_config.get("alpha_pattern") or {}
     plan: dict[str, tuple[int, float]] = {}
@@ -526,7 +526,7 @@ def _lora_config_from(
 ) -> LoRAConfig:
     """A LoRAConfig that adapts exactly the layers the file has weights for, with the file's r and alpha."""
     r = int(peft_config.get("r", 8))
-    alpha = float(peft_config.get("lora_alpha", r))
+    alpha = float(peft_config.get("lora_alpha", 8))  # PEFT's default
     first = next(iter(lora.values()))[0]
     return LoRAConfig(
         r=r,

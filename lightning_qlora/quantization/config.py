@@ -40,7 +40,8 @@ class QuantizationConfig:
     blocksize: int = field(default=64, metadata={"help": "Weights per absmax constant."})
     double_quant: bool = field(default=True, metadata={"help": "Quantize the absmax constants to 8 bit."})
     compute_dtype: str | torch.dtype = field(
-        default="auto", metadata={"help": "dtype of the dequantized matmul: auto, float32, bfloat16, float16."}
+        default="auto",
+        metadata={"help": "dtype of the dequantized matmul: auto, float32, bfloat16, float16."},
     )
     exclude: tuple[str, ...] = field(
         default=DEFAULT_EXCLUDE,

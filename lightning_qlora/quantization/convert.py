@@ -9,11 +9,11 @@ from torch import nn
 
 from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
-
 from lightning_qlora._names import logical_name, matches_any
 from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
+    Linear4bit,
     is_linear4bit,
     quantize_layer,
     to_linear4bit,
@@ -92,8 +92,9 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     """Make every 4-bit layer dequantize straight into `dtype` and compute in it."""
     for module in model.modules():
         if is_linear4bit(module):
-            module.compute_dtype = dtype
-            module.compute_type_is_set = True
-            state = getattr(module.weight, "quant_state", None)
+            layer: Linear4bit = module
+            layer.compute_dtype = dtype
+            layer.compute_type_is_set = True
+            state = getattr(layer.weight, "quant_state", None)
             if state is not None:
                 state.dtype = dtype

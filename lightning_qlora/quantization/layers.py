@@ -16,6 +16,9 @@ from torch import nn
 from lightning_qlora._bnb import bitsandbytes
 from lightning_qlora.quantization.config import QuantizationConfig
 
+# A `bitsandbytes.nn.Linear4bit`. bitsandbytes ships no type information, so it is `Any` to the checker.
+Linear4bit = Any
+
 # Recorded on each converted layer for reports: the dtype its weight had before quantization.
 SOURCE_DTYPE_ATTR = "_qlora_source_dtype"
 # A module carrying this attribute (set to True) is never quantized: LoRA's `modules_to_save` uses it.
@@ -31,7 +34,9 @@ def is_quantized(module: nn.Module) -> bool:
     return is_linear4bit(module) and bool(getattr(module.weight, "bnb_quantized", False))
 
 
-def to_linear4bit(linear: nn.Linear, config: QuantizationConfig, compute_dtype: torch.dtype | None) -> nn.Module:
+def to_linear4bit(
+    linear: nn.Linear, config: QuantizationConfig, compute_dtype: torch.dtype | None
+) -> nn.Module:
     """A `Linear4bit` that takes over `linear`'s weight tensor without copying it.
 
     The weight is quantized later, by `quantize_layer` or by bitsandbytes when the layer is moved to its
@@ -70,7 +75,7 @@ def to_linear4bit(linear: nn.Linear, config: QuantizationConfig, compute_dtype: 
     return layer
 
 
-def set_full_precision_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+def set_full_precision_weight(layer: Linear4bit, weight: torch.Tensor) -> None:
     """Give a `Linear4bit` a new full-precision weight, pending quantization (keeps its format settings)."""
     bnb = bitsandbytes()
     current = layer.weight
@@ -86,7 +91,7 @@ def set_full_precision_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     setattr(layer, SOURCE_DTYPE_ATTR, weight.dtype)
 
 
-def quantize_layer(layer: nn.Module, device: torch.device | str | None = None) -> None:
+def quantize_layer(layer: Linear4bit, device: torch.device | str | None = None) -> None:
     """Quantize a pending `Linear4bit` weight now, on `device` (default: where the weight is)."""
     weight = layer.weight
     if getattr(weight, "bnb_quantized", False):
@@ -99,7 +104,7 @@ def quantize_layer(layer: nn.Module, device: torch.device | str | None = None) -
         layer.bias = nn.Parameter(layer.bias.data.to(target), requires_grad=False)
 
 
-def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_weight(layer: Linear4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The layer's weight in full precision (a new tensor), for merging and for error measurements."""
     bnb = bitsandbytes()
     weight = layer.weight
@@ -114,7 +119,7 @@ def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> tor
     return full.to(dtype) if dtype is not None else full
 
 
-def quantized_weight_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+def quantized_weight_state(layer: Linear4bit) -> dict[str, torch.Tensor]:
     """The tensors a quantized weight is stored as: codes plus the packed quant state."""
     weight = layer.weight
     tensors = {"weight": weight.data}
@@ -124,7 +129,7 @@ def quantized_weight_state(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_quantized_weight(
-    module: nn.Module,
+    module: Linear4bit,
     state_dict: dict[str, Any],
     prefix: str,
     local_metadata: dict[str, Any],
@@ -143,7 +148,9 @@ def _load_quantized_weight(
     if key not in state_dict:
         return
     stats_prefix = key + "."
-    stats = {k[len(stats_prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(stats_prefix)}
+    stats = {
+        k[len(stats_prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(stats_prefix)
+    }
     incoming = state_dict[key]
     current = module.weight
     device = current.device if current.device.type != "meta" else incoming.device

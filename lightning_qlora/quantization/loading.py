@@ -7,6 +7,7 @@ stays near the quantized model plus one layer instead of the full-precision mode
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -16,10 +17,13 @@ from torch import nn
 
 from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
-
 from lightning_qlora._names import BASE_LAYER, describe_names
 from lightning_qlora.quantization.config import QuantizationConfig
-from lightning_qlora.quantization.convert import quantization_targets, require_linear_layers, set_compute_dtype
+from lightning_qlora.quantization.convert import (
+    quantization_targets,
+    require_linear_layers,
+    set_compute_dtype,
+)
 from lightning_qlora.quantization.layers import quantize_layer, set_full_precision_weight, to_linear4bit
 
 StateSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, torch.Tensor]
@@ -44,17 +48,18 @@ def load_quantized(
     config = config or QuantizationConfig()
     device = torch.device(device)
     require_linear_layers(model)
-    targets = {name: layer for name, layer in quantization_targets(model, config)}
-    shells = {name: _shell(layer, config, compute_dtype) for name, layer in targets.items()}
-    for name, shell in shells.items():
-        set_submodule(model, name, shell)
+    shells = {
+        path: _shell(layer, config, compute_dtype) for path, layer in quantization_targets(model, config)
+    }
+    for path, shell in shells.items():
+        set_submodule(model, path, shell)
 
     expected = dict(_named_tensors(model))
     aliases = _tied_names(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
     for key, read in _iter_source(source):
-        name = key_map(key) if key_map else key
+        name: str | None = key_map(key) if key_map else key
         if name is None:
             continue
         target = _resolve(name, expected)
@@ -77,7 +82,7 @@ def load_quantized(
             f"missing {describe_names(missing)}; unexpected {describe_names(unexpected)}. "
             "Pass strict=False to skip them, or key_map= to rename source keys."
         )
-    for name, shell in shells.items():
+    for shell in shells.values():
         if getattr(shell.weight, "bnb_quantized", False) is False and shell.weight.device.type != "meta":
             quantize_layer(shell, device)
     if compute_dtype is not None:
@@ -101,11 +106,16 @@ def _tied_names(model: nn.Module) -> dict[str, list[str]]:
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
-    return {name: [n for n in names if n != name] for names in groups.values() if len(names) > 1 for name in names}
+    return {
+        name: [n for n in names if n != name] for names in groups.values() if len(names) > 1 for name in names
+    }
 
 
 def _resolve(name: str, expected: Mapping[str, torch.Tensor]) -> str | None:
-    """Map a source key to the model's, looking through adapter wrappers (`x.weight` -> `x.base_layer.weight`)."""
+    """Map a source key to the model's, looking through adapter wrappers.
+
+    `x.weight` may live at `x.base_layer.weight`; None for a key the model does not have.
+    """
     if name in expected:
         return name
     module, _, leaf = name.rpartition(".")
@@ -116,7 +126,7 @@ def _resolve(name: str, expected: Mapping[str, torch.Tensor]) -> str | None:
 def _iter_source(source: StateSource) -> Iterable[tuple[str, Callable[[], torch.Tensor]]]:
     if isinstance(source, Mapping):
         for key, tensor in source.items():
-            yield key, lambda tensor=tensor: tensor
+            yield key, functools.partial(_identity, tensor)
         return
     from safetensors import safe_open
 
@@ -124,7 +134,11 @@ def _iter_source(source: StateSource) -> Iterable[tuple[str, Callable[[], torch.
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             keys = list(handle.keys())
         for key in keys:
-            yield key, lambda path=path, key=key: _read_one(path, key)
+            yield key, functools.partial(_read_one, path, key)
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _read_one(path: Path, key: str) -> torch.Tensor:
@@ -147,7 +161,9 @@ def _safetensors_files(source: str | os.PathLike[str] | Sequence[str | os.PathLi
             files.extend(found)
         elif path.is_file():
             if path.suffix != ".safetensors":
-                raise ValueError(f"{path} is not a .safetensors file; only safetensors are read (never pickle).")
+                raise ValueError(
+                    f"{path} is not a .safetensors file; only safetensors are read (never pickle)."
+                )
             files.append(path)
         else:
             raise FileNotFoundError(f"No such weights file or folder: {path}")
@@ -174,7 +190,9 @@ def _assign(
         return None
     old = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
     if old is not None and old.device.type != "meta" and tuple(old.shape) != tuple(tensor.shape):
-        raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(old.shape)}.")
+        raise ValueError(
+            f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(old.shape)}."
+        )
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
     tensor = tensor.to(device)

@@ -7,8 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lightning_qlora.quantization.layers import SOURCE_DTYPE_ATTR, is_linear4bit, is_quantized
-
+from lightning_qlora.quantization.layers import SOURCE_DTYPE_ATTR, Linear4bit, is_linear4bit, is_quantized
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,13 @@ class QuantizationReport:
             ),
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                 for row in rows]
+        lines = [
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in rows
+        ]
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"bits per quantized parameter: {self.bits_per_quantized_param:.3f}")
         return "\n".join(lines)
@@ -83,13 +87,14 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
     seen: set[int] = set()
     for module in model.modules():
         if is_linear4bit(module):
-            weight = module.weight
-            n = module.in_features * module.out_features
+            layer: Linear4bit = module
+            weight = layer.weight
+            n = layer.in_features * layer.out_features
             quantized_layers += 1
             quantized_params += n
-            source = getattr(module, SOURCE_DTYPE_ATTR, torch.float32)
+            source = getattr(layer, SOURCE_DTYPE_ATTR, torch.float32)
             before += n * source.itemsize
-            after += _quantized_weight_bytes(module) if is_quantized(module) else _expected_bytes(weight, n)
+            after += _quantized_weight_bytes(layer) if is_quantized(layer) else _expected_bytes(weight, n)
             seen.add(id(weight))
         elif isinstance(module, nn.Linear):
             kept_linear += 1
@@ -110,7 +115,7 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
     )
 
 
-def _quantized_weight_bytes(layer: nn.Module) -> int:
+def _quantized_weight_bytes(layer: Linear4bit) -> int:
     state = layer.weight.quant_state
     total = layer.weight.data.numel() * layer.weight.data.element_size() + _nbytes(state.absmax)
     if state.nested:

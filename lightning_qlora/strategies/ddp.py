@@ -14,6 +14,7 @@ from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import _augment_message
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
@@ -39,7 +40,9 @@ class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
             sync. Turn it on for trained buffers such as BatchNorm statistics in `modules_to_save`.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method, **kwargs: as for Lightning's `DDPStrategy`; other
-            keyword arguments go to `DistributedDataParallel`.
+            keyword arguments go to `DistributedDataParallel`. With a start_method other than "popen" the
+            module in the launching process does not get the adapters back (a warning says so), which is
+            why no "qlora_ddp_spawn" name is registered.
     """
 
     strategy_name = "qlora_ddp"
@@ -75,6 +78,13 @@ class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
             **_buffer_sync_kwargs(broadcast_buffers, kwargs),
         )
         self._init_qlora(optimizer, force_optimizer, max_grad_norm, activation_checkpointing)
+        if start_method != "popen":
+            rank_zero_warn(
+                f"QLoRADDPStrategy(start_method={start_method!r}): the LightningModule in the launching "
+                "process will not hold the trained adapters (they are injected in the worker processes, and "
+                "Lightning copies rank 0's weights back non-strictly, so they are dropped). Use the "
+                "checkpoints or LoRA(export_dir=...), or the default start_method='popen'."
+            )
 
     @override
     def on_exception(self, exception: BaseException) -> None:

@@ -8,6 +8,7 @@ reached its device, and before the precision plugin connects the optimizers. No 
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -104,7 +105,7 @@ class _PagedOptimizerMixin(Strategy):
         assert module is not None
         self._apply_max_grad_norm(trainer, module)
         name = type(self).__name__
-        user = getattr(self, "_user_configure_optimizers", is_overridden("configure_optimizers", module))
+        user = self._user_configure_optimizers  # found in `connect`, before the stand-in was installed
         if user and not self.force_optimizer:
             rank_zero_info(
                 f"{name}: using {type(module).__name__}.configure_optimizers; pass force_optimizer=True to "
@@ -123,7 +124,9 @@ class _PagedOptimizerMixin(Strategy):
             f"weight decay {config.weight_decay:g}, schedule {schedule}{force_note}"
         )
         self.optimizers = [optimizer]
-        self.lr_scheduler_configs = [LRSchedulerConfig(scheduler, interval="step")] if scheduler else []
+        self.lr_scheduler_configs = (
+            [] if scheduler is None else [LRSchedulerConfig(scheduler, interval="step")]
+        )
 
     def _build_optimizer(
         self, trainer: pl.Trainer, module: pl.LightningModule
@@ -205,18 +208,19 @@ def _silence_cpu_paging_warning(optimizer: Optimizer) -> None:
     """bitsandbytes warns when it first makes state for CPU parameters; the strategy logs one line instead.
 
     The filter is scoped to `step` (where the state is made) and to that one message; other warnings pass.
+    `step` stays a bound method carrying the original's attributes, as torch's LR schedulers expect.
     """
     if getattr(optimizer, "_qlora_quiet_step", False):
         return
     step = optimizer.step
 
-    @functools.wraps(step)
-    def quiet_step(*args: Any, **kwargs: Any) -> Any:
+    def quiet_step(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_CPU_PAGING_WARNING, category=UserWarning)
             return step(*args, **kwargs)
 
-    optimizer.step = quiet_step  # type: ignore[method-assign]
+    functools.update_wrapper(quiet_step, step)
+    optimizer.step = types.MethodType(quiet_step, optimizer)  # type: ignore[method-assign]
     optimizer._qlora_quiet_step = True  # type: ignore[attr-defined]
 
 

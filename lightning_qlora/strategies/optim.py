@@ -30,6 +30,12 @@ OPTIMIZERS = ("paged_adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw")
 SCHEDULERS = ("constant", "linear", "cosine")
 # Arguments that have their own OptimizerConfig field, so they may not come in through `kwargs` as well.
 _FIELD_ARGUMENTS = ("lr", "betas", "eps", "weight_decay")
+# Arguments in the signatures of bitsandbytes' AdamW classes that they never pass on (bitsandbytes 0.50).
+_BNB_IGNORED = {
+    "amsgrad": "bitsandbytes' AdamW has no AMSGrad variant; use name='adamw' for torch's",
+    "optim_bits": "the state width is fixed by the name: paged_adamw is 32-bit, paged_adamw_8bit 8-bit",
+    "args": "an internal bitsandbytes override object that replaces the other settings",
+}
 
 
 @dataclass(frozen=True)
@@ -129,13 +135,20 @@ class OptimizerConfig:
                 f"Optimizer kwargs {clashing} have their own OptimizerConfig field; set them there instead."
             )
         cls = self.optimizer_class
+        ignored = _BNB_IGNORED if cls.__module__.startswith("bitsandbytes") else {}
+        dropped = sorted(k for k in self.kwargs if k in ignored)
+        if dropped:
+            reasons = "; ".join(f"{k}: {ignored[k]}" for k in dropped)
+            raise ValueError(
+                f"{cls.__qualname__} (optimizer {self.name!r}) accepts but ignores {dropped} ({reasons})."
+            )
         parameters = inspect.signature(cls.__init__).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             return
         allowed = [
             name
             for name, p in parameters.items()
-            if name not in ("self", "params", *_FIELD_ARGUMENTS)
+            if name not in ("self", "params", *_FIELD_ARGUMENTS, *ignored)
             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         ]
         unknown = sorted(k for k in self.kwargs if k not in allowed)

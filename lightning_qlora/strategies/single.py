@@ -57,12 +57,17 @@ class QLoRAStrategy(_PagedOptimizerMixin, SingleDeviceStrategy):
         )
         self._device_given = device is not None
         self._auto_device: tuple[pl.accelerators.Accelerator, torch.device] | None = None
+        self._trainer_device: torch.device | None = None  # device=None: the one the Trainer was given
         self._init_qlora(optimizer, force_optimizer, max_grad_norm, activation_checkpointing)
 
     @property
     @override
     def root_device(self) -> torch.device:
-        if not self._device_given and self.accelerator is not None:
+        if self._device_given:
+            return self._root_device
+        if self._trainer_device is not None:
+            return self._trainer_device
+        if self.accelerator is not None:
             if self._auto_device is None or self._auto_device[0] is not self.accelerator:
                 self._auto_device = (self.accelerator, _first_device(self.accelerator))
             return self._auto_device[1]
@@ -78,6 +83,7 @@ class QLoRAStrategy(_PagedOptimizerMixin, SingleDeviceStrategy):
         """Take the device the Trainer was asked for (`devices=[1]` means cuda:1), as Lightning does for its
         own single-device strategy. Lightning hands parsed devices only to parallel strategies, so they are
         read from the Trainer's connector."""
+        self._trainer_device = None
         module = self.lightning_module
         trainer = getattr(module, "_trainer", None) if module is not None else None
         devices = getattr(getattr(trainer, "_accelerator_connector", None), "_parallel_devices", None)
@@ -89,8 +95,7 @@ class QLoRAStrategy(_PagedOptimizerMixin, SingleDeviceStrategy):
                 "strategy='qlora_ddp' (or QLoRADDPStrategy()) to train on several."
             )
         device = devices[0]
-        self._root_device = device if isinstance(device, torch.device) else torch.device(device)
-        self._device_given = True
+        self._trainer_device = device if isinstance(device, torch.device) else torch.device(device)
 
     @classmethod
     @override

@@ -56,7 +56,9 @@ def test_adapters_everywhere_but_the_head_and_only_they_train(
     torch.manual_seed(0)
     module = module_cls(lr=2e-2)
     plugins = [QLoRAPrecision(compute_dtype="float32")] if quantized else []
-    trainer = make_trainer(tmp_path, 15, plugins, callbacks=[LoRA(r=4, dropout=0.0)], enable_checkpointing=False)
+    trainer = make_trainer(
+        tmp_path, 15, plugins, callbacks=[LoRA(r=4, dropout=0.0)], enable_checkpointing=False
+    )
     trainer.fit(module, toy_loader())
 
     adapted = dict(adapter_layers(module))
@@ -179,9 +181,14 @@ def test_bad_hyperparameters_fail_at_construction(kwargs: dict[str, object], mes
 
 
 def test_pattern_matching_nothing_lists_existing_names(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path, 1, callbacks=[LoRA(target_modules=["q_proj"])], enable_checkpointing=False)
-    with pytest.raises(PatternMatchError, match=r"target_modules pattern\(s\) \['q_proj'\] match no module.*"
-                       r"'model.net.0'"):
+    trainer = make_trainer(
+        tmp_path, 1, callbacks=[LoRA(target_modules=["q_proj"])], enable_checkpointing=False
+    )
+    with pytest.raises(
+        PatternMatchError,
+        match=r"target_modules pattern\(s\) \['q_proj'\] match no module.*"
+        r"'model.net.0'",
+    ):
         trainer.fit(TinyClassifier(), toy_loader())
 
 
@@ -192,7 +199,7 @@ def test_model_without_linear_layer_is_rejected(tmp_path: Path) -> None:
             self.conv = nn.Conv1d(1, 1, 1)
 
     trainer = make_trainer(tmp_path, 1, callbacks=[LoRA()], enable_checkpointing=False)
-    with pytest.raises(NoLinearLayersError, match="NoLinear has no torch.nn.Linear"):
+    with pytest.raises(NoLinearLayersError, match=r"NoLinear has no torch\.nn\.Linear"):
         trainer.fit(NoLinear(), toy_loader())
 
 
@@ -217,8 +224,9 @@ def test_checkpoint_holds_adapters_not_the_base(tmp_path: Path) -> None:
     assert ratio < 0.05, ratio
 
 
-def _run(tmp_path: Path, steps: int, quantized: bool, ckpt: Path | None = None, every: int | None = None
-         ) -> TinyClassifier:
+def _run(
+    tmp_path: Path, steps: int, quantized: bool, ckpt: Path | None = None, every: int | None = None
+) -> TinyClassifier:
     pl.seed_everything(7, workers=True)
     module = TinyClassifier(lr=2e-2)
     callbacks: list[pl.Callback] = [LoRA(r=4, dropout=0.1)]
@@ -227,8 +235,9 @@ def _run(tmp_path: Path, steps: int, quantized: bool, ckpt: Path | None = None, 
         # 2.6 replay one batch when it resumes, and a mid-epoch one needs a resumable dataloader
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1))
     plugins = [QLoRAPrecision(compute_dtype="float32")] if quantized else []
-    trainer = make_trainer(tmp_path, steps, plugins, callbacks=callbacks, enable_checkpointing=bool(every),
-                           deterministic=True)
+    trainer = make_trainer(
+        tmp_path, steps, plugins, callbacks=callbacks, enable_checkpointing=bool(every), deterministic=True
+    )
     trainer.fit(module, toy_loader(n=64, shuffle=True), ckpt_path=ckpt)  # 4 steps an epoch
     return module
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -60,11 +62,11 @@ def test_dequantization_error_is_bounded_per_block(double_quant: bool) -> None:
     blocks = original.reshape(-1, 64)
     error = (blocks - restored.reshape(-1, 64)).abs()
     absmax = blocks.abs().amax(dim=1, keepdim=True)
-    half_gap = max(b - a for a, b in zip(PAPER_NF4, PAPER_NF4[1:])) / 2
+    half_gap = max(b - a for a, b in itertools.pairwise(PAPER_NF4)) / 2
     bound = absmax * half_gap * (1 + 1e-5)
     if double_quant:
         state = layer.weight.quant_state
-        import bitsandbytes.functional as F  # noqa: N812
+        import bitsandbytes.functional as F
 
         stored_absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
         bound = bound + (absmax.flatten() - stored_absmax.flatten()).abs().reshape(-1, 1) + 1e-7

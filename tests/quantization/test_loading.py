@@ -97,8 +97,11 @@ def test_loading_errors_name_the_problem(tmp_path: Path) -> None:
     with torch.device("meta"):
         model = TinyNet()
     with pytest.raises(KeyError, match=r"missing 'lm_head.bias'.*unexpected 'extra.weight'"):
-        load_quantized(model, {**{k: v for k, v in state.items() if k != "lm_head.bias"},
-                               "extra.weight": torch.zeros(1)}, CONFIG)
+        load_quantized(
+            model,
+            {**{k: v for k, v in state.items() if k != "lm_head.bias"}, "extra.weight": torch.zeros(1)},
+            CONFIG,
+        )
     with pytest.raises(FileNotFoundError, match="No such weights file or folder"):
         load_quantized(TinyNet(), tmp_path / "absent.safetensors", CONFIG)
     (tmp_path / "weights.bin").write_bytes(b"not read")
@@ -162,7 +165,10 @@ def test_meta_load_keeps_peak_memory_near_the_quantized_size(tmp_path: Path) -> 
     growth = {}
     for mode in ("meta", "full"):
         out = subprocess.run(
-            [sys.executable, str(script), str(weights), mode, str(layers)], capture_output=True, text=True, timeout=300
+            [sys.executable, str(script), str(weights), mode, str(layers)],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert out.returncode == 0, out.stderr
         growth[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_kib"] / 1024

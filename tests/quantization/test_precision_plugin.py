@@ -9,13 +9,12 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
+from tiny_models import TinyClassifier, TinyNet, toy_loader
 from torch import nn
 
 from lightning_qlora import QLoRAPrecision
 from lightning_qlora.quantization import NoLinearLayersError, is_linear4bit, is_quantized
 from lightning_qlora.quantization.compute_dtype import cpu_has_native_bf16, resolve_compute_dtype
-
-from tiny_models import TinyClassifier, TinyNet, toy_loader
 
 
 def fit(module: pl.LightningModule, plugin: QLoRAPrecision, steps: int = 6) -> pl.Trainer:
@@ -55,7 +54,9 @@ def test_report_is_logged_once_at_setup(caplog: pytest.LogCaptureFixture) -> Non
     finally:
         logger.removeHandler(caplog.handler)
     # the handler may see a record twice (directly and through the root logger): count records, not calls
-    tables = list({id(r): r for r in caplog.records if "bits per quantized parameter" in r.getMessage()}.values())
+    tables = list(
+        {id(r): r for r in caplog.records if "bits per quantized parameter" in r.getMessage()}.values()
+    )
     assert len(tables) == 1
     assert "quantized (4-bit)" in tables[0].getMessage()
 
@@ -114,7 +115,7 @@ def test_model_without_linear_layer_is_rejected_naming_its_class() -> None:
             super().__init__()
             self.conv = nn.Conv1d(2, 2, 1)
 
-    with pytest.raises(NoLinearLayersError, match="NoLinear has no torch.nn.Linear"):
+    with pytest.raises(NoLinearLayersError, match=r"NoLinear has no torch\.nn\.Linear"):
         QLoRAPrecision().convert_module(NoLinear())
 
 
