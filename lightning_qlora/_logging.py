@@ -18,3 +18,8 @@ if not logging.getLogger().hasHandlers():  # leave applications that configure l
 def rank_zero_info(message: str) -> None:
     """Log once per job, not once per process."""
     log.info(message)
+
+
+@rank_zero_only
+def rank_zero_warn(message: str) -> None:
+    log.warning(message)

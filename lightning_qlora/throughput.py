@@ -25,7 +25,9 @@ class TokenThroughput(Callback):
         prog_bar_name: key of the progress-bar value (not sent to the loggers).
     """
 
-    def __init__(self, window: int = 20, attribute: str = "tokens_seen", prog_bar_name: str = "tok/s") -> None:
+    def __init__(
+        self, window: int = 20, attribute: str = "tokens_seen", prog_bar_name: str = "tok/s"
+    ) -> None:
         if window < 1:
             raise ValueError(f"window must be a positive number of batches, got {window}.")
         self.window = window

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -25,9 +25,7 @@ from omegaconf import DictConfig
 from lightning_qlora.config import conf_dir
 
 if TYPE_CHECKING:
-    from lightning_qlora.config.job import JobParts
-
-log = logging.getLogger(__name__)
+    from lightning_qlora.config.job import JobParts, SetupError
 
 SETUP_ERROR_EXIT_CODE = 2
 # Libraries that log through their own handler when imported before Hydra configured logging.
@@ -39,20 +37,33 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: Hydra composes and checks the config; the job is built, trained and summarized."""
     from lightning.pytorch import seed_everything
 
-    from lightning_qlora.config.job import SetupError, build
+    from lightning_qlora.config.job import SetupError, build, run_config_errors
 
     route_library_logs()
     start = time.perf_counter()
     seed_everything(cfg.seed, workers=True)
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # then Hydra prints the whole traceback
     try:
         parts = build(cfg)
     except SetupError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error:
             raise
-        print(f"Error in config node {err}", file=sys.stderr)
-        print("(Set HYDRA_FULL_ERROR=1 for the traceback.)", file=sys.stderr)
-        sys.exit(SETUP_ERROR_EXIT_CODE)
-    return run(cfg, parts, start)
+        _exit_with_config_error(err)
+    config_errors = run_config_errors()
+    try:
+        return run(cfg, parts, start)
+    except tuple(config_errors) as err:
+        if full_error:
+            raise
+        node = next(n for cls, n in config_errors.items() if isinstance(err, cls))
+        _exit_with_config_error(SetupError(node, err))
+
+
+def _exit_with_config_error(err: SetupError) -> NoReturn:
+    """One line naming the config node and the cause, and a non-zero exit."""
+    print(f"Error in config node {err}", file=sys.stderr)
+    print("(Set HYDRA_FULL_ERROR=1 for the traceback.)", file=sys.stderr)
+    sys.exit(SETUP_ERROR_EXIT_CODE)
 
 
 def run(cfg: DictConfig, parts: JobParts, start: float) -> float | None:
@@ -65,28 +76,43 @@ def run(cfg: DictConfig, parts: JobParts, start: float) -> float | None:
     if cfg.validate_before:
         before = metrics_dict(trainer.validate(model, datamodule=datamodule, verbose=False)[0])
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    after = metrics_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")})
-    if cfg.validate_after:
+    # read before another validation resets them
+    train_metrics = metrics_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith("train")})
+    after = metrics_dict(parts.fit_validation.metrics)
+    if cfg.validate_after and parts.fit_validation.step != trainer.global_step:
         after = metrics_dict(trainer.validate(model, datamodule=datamodule, verbose=False)[0])
-    summary = summarize(cfg, parts, before, after, time.perf_counter() - start)
+    summary = summarize(cfg, parts, before, after, train_metrics, time.perf_counter() - start)
     finish_loggers(parts.loggers)
     tuned = summary["metric"]["tuned"]
     return float(tuned) if isinstance(tuned, (int, float)) else None
 
 
 def summarize(
-    cfg: DictConfig, parts: JobParts, before: dict[str, Any], after: dict[str, Any], wall_time_s: float
+    cfg: DictConfig,
+    parts: JobParts,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    train_metrics: dict[str, Any],
+    wall_time_s: float,
 ) -> dict[str, Any]:
     """Collect the summary; rank 0 prints it and writes `summary.json` to the run folder."""
     from hydra.core.hydra_config import HydraConfig
 
-    from lightning_qlora.config.summary import compare, format_summary, metrics_dict, peak_memory, write_summary
+    from lightning_qlora.config.summary import (
+        compare,
+        format_summary,
+        peak_memory,
+        write_summary,
+    )
 
     trainer, throughput, precision = parts.trainer, parts.throughput, parts.precision
     run_dir = Path(cfg.paths.output_dir)
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     adapter_dir = parts.lora.export_dir
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    report = getattr(precision, "report", None)
+    compute_dtype = getattr(precision, "compute_dtype", None)
+    log_dirs = [str(Path(d)) for d in map(_log_dir, parts.loggers) if d is not None]
     summary: dict[str, Any] = {
         "task_name": cfg.task_name,
         "run_dir": str(run_dir),
@@ -97,9 +123,7 @@ def summarize(
         "train": {
             "steps": trainer.global_step,
             "epochs": trainer.current_epoch,
-            "final_metrics": metrics_dict(
-                {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-            ),
+            "final_metrics": train_metrics,
             "time_s": throughput.train_time_s if throughput else None,
             "tokens": throughput.tokens if throughput else None,
             "tokens_per_sec": throughput.tokens_per_sec if throughput else None,
@@ -108,11 +132,11 @@ def summarize(
             "world_size": trainer.world_size,
         },
         "trainable_params": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
-        "compute_dtype": str(precision.compute_dtype).removeprefix("torch.") if precision is not None else None,
-        "quantization": precision.report.as_dict() if getattr(precision, "report", None) else None,
+        "compute_dtype": str(compute_dtype).removeprefix("torch.") if compute_dtype is not None else None,
+        "quantization": report.as_dict() if report is not None else None,
         "memory": peak_memory(),
         "adapter_dir": str(adapter_dir) if adapter_dir is not None and adapter_dir.is_dir() else None,
-        "log_dir": next((lg.log_dir for lg in parts.loggers if getattr(lg, "log_dir", None)), None),
+        "log_dir": log_dirs[0] if log_dirs else None,
         "checkpoint": checkpoint,
         "wall_time_s": wall_time_s,
         "summary_path": str(run_dir / "summary.json"),
@@ -121,6 +145,11 @@ def summarize(
         write_summary(summary, run_dir)
         print("\n" + format_summary(summary), flush=True)
     return summary
+
+
+def _log_dir(logger: Any) -> str | None:
+    """CSV/TensorBoard loggers have a `log_dir`; wandb's files are under its `save_dir`."""
+    return getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
 
 
 def route_library_logs() -> None:

@@ -39,6 +39,15 @@ SETUP_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+def run_config_errors() -> dict[type[Exception], str]:
+    """Errors raised once training starts that still mean "this config is wrong", and the node to blame."""
+    from lightning_qlora.lora.inject import PatternMatchError
+    from lightning_qlora.quantization.convert import NoLinearLayersError
+    from lightning_qlora.strategies import NoTrainableParametersError
+
+    return {PatternMatchError: "lora", NoTrainableParametersError: "lora", NoLinearLayersError: "model"}
+
+
 class SetupError(RuntimeError):
     """A config node could not be built; the message is one line: node, error type, root cause."""
 
@@ -69,6 +78,24 @@ def building(component: str) -> Iterator[None]:
         raise SetupError(component, err) from err
 
 
+class FitValidation(Callback):
+    """Keep the metrics of the last validation inside `fit` and the step it ran at.
+
+    When fit ended right after a validation (at the end of its last epoch), those are the tuned metrics
+    and the job need not run the same validation again.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.metrics: dict[str, Any] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.step = trainer.global_step
+        self.metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+
+
 @dataclass
 class JobParts:
     """Everything `train` needs; the callbacks are kept by role for the summary."""
@@ -76,6 +103,7 @@ class JobParts:
     precision: Any | None
     lora: LoRA
     throughput: TokenThroughput | None
+    fit_validation: FitValidation
     datamodule: pl.LightningDataModule
     model: pl.LightningModule
     loggers: list[Logger]
@@ -83,7 +111,7 @@ class JobParts:
 
 
 def build(cfg: DictConfig) -> JobParts:
-    """Instantiate precision plugin, LoRA callback, optimizer, strategy, callbacks, logger, data, model, Trainer."""
+    """Precision plugin, LoRA, optimizer, strategy, callbacks, logger, Trainer, then data and model."""
     with building("precision"):
         precision = instantiate(cfg.precision) if cfg.precision is not None else None
     with building("lora"):
@@ -92,27 +120,32 @@ def build(cfg: DictConfig) -> JobParts:
         optimizer = instantiate(cfg.optimizer) if cfg.optimizer is not None else None
     with building("trainer.strategy"):
         strategy = build_strategy(cfg.trainer.strategy, optimizer)
-    callbacks: list[Callback] = [lora]
+    fit_validation = FitValidation()
+    callbacks: list[Callback] = [lora, fit_validation]
     for name, node in (cfg.callbacks or {}).items():
         if node is not None:
             with building(f"callbacks.{name}"):
                 callbacks.append(instantiate(node))
     with building("logger"):
         loggers = build_loggers(cfg.logger)
-    with building("data"):
-        datamodule = instantiate(cfg.data)
-    with building("model"):
-        model = instantiate(cfg.model)
-    with building("trainer"):
+    extra: dict[str, Any] = {}
+    if cfg.validate_before and cfg.trainer.num_sanity_val_steps is None:
+        extra["num_sanity_val_steps"] = 0  # the full validation before fit already ran the same code
+    with building("trainer"):  # before the model: a wrong accelerator should not wait for a model load
         trainer = instantiate(
             cfg.trainer,
+            **extra,
             strategy=strategy,
             plugins=[precision] if precision is not None else None,
             callbacks=callbacks,
             logger=loggers or False,
         )
+    with building("data"):
+        datamodule = instantiate(cfg.data)
+    with building("model"):
+        model = instantiate(cfg.model)
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
-    return JobParts(precision, lora, throughput, datamodule, model, loggers, trainer)
+    return JobParts(precision, lora, throughput, fit_validation, datamodule, model, loggers, trainer)
 
 
 def build_strategy(node: Any, optimizer: Any) -> Any:

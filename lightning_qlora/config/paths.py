@@ -8,7 +8,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def conf_dir() -> Path:
-    """The `conf/` folder: inside the package in a wheel (force-included there), at the repo root otherwise."""
+    """`conf/`: inside the package in a wheel (hatch force-includes it there), at the repo root otherwise."""
     for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf"):
         if (candidate / "train.yaml").is_file():
             return candidate

@@ -98,6 +98,9 @@ class TrainerConf:
     default_root_dir: str | None = "${paths.output_dir}"
     fast_dev_run: Any = False
     use_distributed_sampler: bool = True
+    # no_grad instead of inference_mode in evaluation: the job validates before fit, and metric states
+    # created under inference_mode cannot be updated in place by fit's own validation afterwards
+    inference_mode: bool = False
     profiler: Any = None
 
 
@@ -133,7 +136,7 @@ class TrainConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     metric: MetricConf = field(default_factory=MetricConf)
     validate_before: bool = True  # the untuned metric, to compare with
-    validate_after: bool = True
+    validate_after: bool = True  # skipped when fit's last validation already ran at its last step
     ckpt_path: str | None = None  # resume fit from this Lightning checkpoint
 
 

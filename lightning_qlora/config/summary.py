@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def to_number(value: Any) -> Any:
     return value
 
 
-def metrics_dict(metrics: dict[str, Any] | None) -> dict[str, Any]:
+def metrics_dict(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return {str(k): to_number(v) for k, v in sorted((metrics or {}).items())}
 
 
@@ -72,13 +73,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"==== lightning-qlora: {summary['task_name']} ===="]
     change = metric.get("change")
     arrow = f" ({'+' if change >= 0 else ''}{change:.4f})" if isinstance(change, float) else ""
-    lines.append(f"{metric['name']}: untuned {_fmt(metric['untuned'])} -> tuned {_fmt(metric['tuned'])}{arrow}")
+    lines.append(
+        f"{metric['name']}: untuned {_fmt(metric['untuned'])} -> tuned {_fmt(metric['tuned'])}{arrow}"
+    )
     for key, value in summary["validation"]["tuned"].items():
         if key != metric["name"]:
-            lines.append(f"  {key}: untuned {_fmt(summary['validation']['untuned'].get(key))} -> {_fmt(value)}")
+            lines.append(
+                f"  {key}: untuned {_fmt(summary['validation']['untuned'].get(key))} -> {_fmt(value)}"
+            )
     train = summary["train"]
     for key, value in train["final_metrics"].items():
-        lines.append(f"final {key}: {_fmt(value)}")
+        if "tokens" not in key:  # the token counters are summarized below
+            lines.append(f"last step {key}: {_fmt(value)}")
     rate = train["tokens_per_sec"]
     lines.append(
         f"training: {train['steps']} steps in {_fmt(train['time_s'], 1)} s"

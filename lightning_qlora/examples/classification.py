@@ -272,7 +272,9 @@ class TextClassifier(TokenCountingModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = self.pool(hidden, attention_mask)
-        return self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))
+        # the head may be wrapped by the LoRA callback (modules_to_save), so ask its parameters for the dtype
+        head_dtype = next(self.classifier.parameters()).dtype
+        return self.classifier(self.dropout(pooled.to(head_dtype)))
 
     def _shared_step(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"])

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_qlora._logging import rank_zero_info
+from lightning_qlora._logging import rank_zero_info, rank_zero_warn
 from lightning_qlora._rng import capture_rng_state, restore_rng_state
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_trainable, summarize
@@ -38,7 +38,8 @@ class LoRA(Callback):
         adapter_dtype: dtype of A and B ("float32" by default).
         export_dir: if set, the adapters are written there in PEFT's format when fit ends (rank 0 only).
         export_module: attribute of the LightningModule that is the base model PEFT would wrap; by default
-            its `model` attribute if there is one, else the LightningModule itself.
+            its `model` attribute if there is one, else the LightningModule itself; "." names the
+            LightningModule (for a head that lives outside `model`, so it is exported too).
         adapter_only_checkpoints: drop the frozen base from Lightning checkpoints.
     """
 
@@ -164,12 +165,16 @@ class LoRA(Callback):
         if self.export_dir is not None and trainer.is_global_zero:
             from lightning_qlora.lora.peft_format import save_peft_adapter
 
-            path = save_peft_adapter(export_root(pl_module, self.export_module), self.export_dir, self.config)
+            root = export_root(pl_module, self.export_module)
+            _warn_about_trained_modules_outside(pl_module, root)
+            path = save_peft_adapter(root, self.export_dir, self.config)
             rank_zero_info(f"LoRA: adapters written in PEFT format to {path}")
 
 
 def export_root(pl_module: nn.Module, attribute: str | None = None) -> nn.Module:
     """The module PEFT would wrap: keys in the export are relative to it."""
+    if attribute == ".":
+        return pl_module
     if attribute is not None:
         root = getattr(pl_module, attribute, None)
         if not isinstance(root, nn.Module):
@@ -179,6 +184,18 @@ def export_root(pl_module: nn.Module, attribute: str | None = None) -> nn.Module
         return root
     candidate = getattr(pl_module, "model", None)
     return candidate if isinstance(candidate, nn.Module) else pl_module
+
+
+def _warn_about_trained_modules_outside(pl_module: nn.Module, root: nn.Module) -> None:
+    """Trained weights outside the exported module would silently be missing from the adapter folder."""
+    inside = {id(p) for p in root.parameters()}
+    outside = [name for name, p in pl_module.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        rank_zero_warn(
+            f"LoRA export: trained weights {outside[:4]} lie outside the exported module "
+            f"({type(root).__name__}) and are not in the adapter folder; pass export_module='.' to export "
+            "relative to the LightningModule instead."
+        )
 
 
 def trainable_state_keys(module: nn.Module) -> set[str]:

@@ -261,3 +261,23 @@ def test_resume_with_a_different_rank_is_refused(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path / "c", 4, callbacks=[LoRA(r=8)], enable_checkpointing=False)
     with pytest.raises((ValueError, RuntimeError), match=r"(size mismatch|different LoRA configuration)"):
         trainer.fit(module, toy_loader(), ckpt_path=checkpoint)
+
+
+def test_export_includes_a_head_outside_model_when_asked(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    class WithHead(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.model(x))
+
+    default = LoRA(r=4, modules_to_save=["head"], export_dir=tmp_path / "a")
+    make_trainer(tmp_path, 1, callbacks=[default], enable_checkpointing=False).fit(WithHead(), toy_loader())
+    assert not any("head" in k for k in load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    whole = LoRA(r=4, modules_to_save=["head"], export_dir=tmp_path / "b", export_module=".")
+    make_trainer(tmp_path, 1, callbacks=[whole], enable_checkpointing=False).fit(WithHead(), toy_loader())
+    keys = set(load_file(tmp_path / "b" / "adapter_model.safetensors"))
+    assert {"base_model.model.head.weight", "base_model.model.model.net.0.lora_A.weight"} <= keys
