@@ -53,3 +53,20 @@ def toy_loader(
     return torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle
     )
+
+
+def tiny_llama(cls: type | None = None, seed: int = 0, **overrides: int) -> nn.Module:
+    """A two-layer Llama from a config (random, seeded weights): the stand-in for a transformers model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, **overrides}
+    config = LlamaConfig(
+        vocab_size=128, num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0, **sizes
+    )
+    return (cls or LlamaForCausalLM)(config).eval()
+
+
+def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits

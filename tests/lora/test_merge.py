@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import logits
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lightning_qlora import merge_adapters, save_merged
 from lightning_qlora.lora import (
@@ -34,43 +34,6 @@ from lightning_qlora.quantization import (
 from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR
 
 CONFIG = LoRAConfig(r=4, alpha=8.0, rank_pattern={"q_proj": 8})
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: a second intra-op thread only adds sync overhead (1000x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base() -> nn.Module:
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def input_ids() -> torch.Tensor:
-    return torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(7))
-
-
-def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
 
 
 def adapted(base: nn.Module, quantize: bool = False, config: LoRAConfig = CONFIG) -> nn.Module:

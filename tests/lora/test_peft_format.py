@@ -8,15 +8,15 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from tiny_models import logits, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from lightning_qlora import _atomic, load_peft_adapter, save_peft_adapter
 from lightning_qlora.lora import (
@@ -35,39 +35,6 @@ from lightning_qlora.quantization import (
 )
 
 LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def tiny_llama(cls: type = LlamaForCausalLM, seed: int = 0, **overrides: int) -> nn.Module:
-    torch.manual_seed(seed)
-    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, **overrides}
-    config = LlamaConfig(
-        vocab_size=128, num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0, **sizes
-    )
-    return cls(config).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: a second intra-op thread only adds sync overhead (1000x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base() -> nn.Module:
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def input_ids() -> torch.Tensor:
-    return torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(7))
-
-
-def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
 
 
 def randomize_b(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
