@@ -289,8 +289,30 @@ class _CheckpointedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         forward = self.original or functools.partial(type(self.module).forward, self.module)
         if self.module.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **_without_kv_cache(self.module, kwargs))
         return forward(*args, **kwargs)
+
+
+# Keyword arguments through which transformers' decoder layers write to a KV cache.
+_KV_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def _without_kv_cache(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keep a transformers KV cache out of a checkpointed layer, as transformers' own checkpointing does.
+
+    The layer appends its keys and values to the cache, and the recompute in backward would append them
+    again: attention then sees twice the keys (a shape error as soon as the batch has a padding mask), and
+    the cache, held by the checkpoint, stays alive and doubled until backward ends. Training has no use
+    for the cache. Layers that only read it say so with `_can_checkpoint_with_cache`.
+    """
+    if getattr(module, "_can_checkpoint_with_cache", False):
+        return kwargs
+    if not kwargs.get("use_cache") and all(kwargs.get(key) is None for key in _KV_CACHE_KWARGS):
+        return kwargs
+    kwargs = {key: None if key in _KV_CACHE_KWARGS else value for key, value in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def enable_activation_checkpointing(module: nn.Module) -> None:

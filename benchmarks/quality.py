@@ -1,0 +1,523 @@
+"""Fine-tuning quality of QLoRA's 4-bit storage formats against 32-bit LoRA, on a real pretrained model.
+
+Why: the QLoRA paper's central quality claim is that LoRA over a base stored in NF4 with double
+quantization matches LoRA over a 16/32-bit base, while FP4 trails. Quantization error only means something
+on pretrained weights, so this script fine-tunes the real all-MiniLM-L6-v2 (``TextClassifier``) on the
+packaged sentiment reviews with five configurations, one after the other in this process, each from
+``seed_everything(seed)`` with the same data order, LoRA config, optimizer and number of steps:
+
+- ``nf4_dq``: QLoRA, NF4 + double quantization (the paper's default)
+- ``nf4``: QLoRA, NF4 without double quantization
+- ``fp4``: QLoRA, FP4 + double quantization (only the data type differs from ``nf4_dq``)
+- ``lora32``: LoRA over the unquantized fp32 base (the reference every loss is divided by)
+- ``untuned``: the fp32 base with its freshly initialised head, validated only (chance level)
+
+It validates every ``--val-every`` steps, then scores every validation example once more with the final
+weights so differences between configurations get a paired bootstrap interval (validation-set noise only;
+``--seeds`` adds seed-to-seed noise). ``--task alpaca`` runs the tiny from-scratch Llama of the examples
+instead; its weights are random, so 4-bit errors there say nothing about pretrained models (a pipeline
+check only).
+
+Run: ``python benchmarks/quality.py [--steps 120] [--val-every 10] [--seeds 42] [--out benchmarks/results]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_qlora import LoRA, OptimizerConfig, QLoRAPrecision, QLoRAStrategy
+
+try:  # run as ``python benchmarks/quality.py`` (script dir on sys.path) or as a module
+    from _results import machine_info, markdown_table, write_results
+except ImportError:  # pragma: no cover - depends on how the script is launched
+    from benchmarks._results import machine_info, markdown_table, write_results
+
+NAME = "quality"
+REFERENCE = "lora32"  # every loss is also reported as a ratio to plain LoRA over the fp32 base
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration: how the base is stored (None: unquantized) and whether it is trained at all."""
+
+    key: str
+    label: str
+    quant_type: str | None = None
+    double_quant: bool = True
+    train: bool = True
+
+
+SPECS: dict[str, RunSpec] = {
+    spec.key: spec
+    for spec in (
+        RunSpec("nf4_dq", "QLoRA NF4 + DQ", "nf4", True),
+        RunSpec("nf4", "QLoRA NF4", "nf4", False),
+        RunSpec("fp4", "QLoRA FP4 + DQ", "fp4", True),
+        RunSpec("lora32", "LoRA, fp32 base", None),
+        RunSpec("untuned", "untuned (fp32)", None, train=False),
+    )
+}
+COLORS = {"nf4_dq": "tab:blue", "nf4": "tab:cyan", "fp4": "tab:red", "lora32": "black", "untuned": "gray"}
+
+# Per-task defaults. Sentiment follows the package's `sentiment_qlora` preset (rank 8, linear decay after 10%
+# warmup, conf/experiment/sentiment_qlora.yaml) but at half its lr for 5 epochs: at 2e-3 the validation loss
+# bottoms out after 2 epochs and then climbs as the head grows over-confident, which buries the formats'
+# differences in the noise of a few confidently wrong examples. Alpaca follows `alpaca_tiny_llama`.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sentiment": {"steps": 150, "val_every": 10, "lr": 1e-3, "scheduler": "linear", "batch_size": 16},
+    "alpaca": {"steps": 60, "val_every": 10, "lr": 1e-3, "scheduler": "cosine", "batch_size": 8},
+}
+
+
+class ValidationCurve(Callback):
+    """Record every validation's metrics (and each step's train loss) in memory, to plot and store.
+
+    Read in ``on_validation_end``, after Lightning has reduced the epoch metrics into ``callback_metrics``.
+    """
+
+    def __init__(self) -> None:
+        self.points: list[dict[str, float]] = []
+        self.train_loss: list[tuple[int, float]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        point: dict[str, float] = {"step": trainer.global_step}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("val/"):
+                point[key.removeprefix("val/")] = float(value)
+        self.points.append(point)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.train_loss.append((trainer.global_step, float(loss)))
+
+
+def build_task(task: str, seed: int, batch_size: int) -> tuple[Any, Any, list[str]]:
+    """A fresh module and datamodule, built after seeding so that every run starts from the same head."""
+    if task == "sentiment":
+        from lightning_qlora.examples.classification import SentimentDataModule, TextClassifier
+
+        return TextClassifier(), SentimentDataModule(batch_size=batch_size, seed=seed), ["classifier"]
+    from lightning_qlora.examples.instruction import CausalLMInstructionModule, InstructionDataModule
+
+    module = CausalLMInstructionModule(num_samples_to_generate=0)
+    return module, InstructionDataModule(batch_size=batch_size, seed=seed), []
+
+
+@torch.no_grad()
+def per_example_scores(module: Any, datamodule: Any, task: str) -> dict[str, list[float]]:
+    """Loss (and correctness) of every validation example with the final weights, for paired bootstraps."""
+    was_training = module.training
+    module.eval()
+    losses: list[float] = []
+    correct: list[float] = []
+    for batch in datamodule.val_dataloader():
+        batch = {k: v.to(module.device) for k, v in batch.items()}
+        if task == "sentiment":
+            logits = module(batch["input_ids"], batch["attention_mask"]).float()
+            losses += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
+            correct += (logits.argmax(-1) == batch["labels"]).float().tolist()
+        else:  # mean token loss per example, on the response tokens only
+            logits = module(batch["input_ids"], batch["attention_mask"]).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            token = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+            )
+            mask = (labels != -100).float()
+            losses += ((token * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    module.train(was_training)
+    return {"loss": losses, "correct": correct}
+
+
+def run_one(spec: RunSpec, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Train (or only validate) one configuration from a fresh seed; returns its curve and final metrics."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    module, datamodule, modules_to_save = build_task(args.task, seed, args.batch_size)
+    plugins = []
+    precision = None
+    if spec.quant_type is not None:
+        precision = QLoRAPrecision(
+            quant_type=spec.quant_type,
+            double_quant=spec.double_quant,
+            compute_dtype=args.compute_dtype,
+            log_report=False,
+        )
+        plugins.append(precision)
+    curve = ValidationCurve()
+    callbacks = [curve]
+    if spec.train:
+        callbacks.append(
+            LoRA(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, modules_to_save=modules_to_save)
+        )
+    optimizer = OptimizerConfig(
+        name=args.optimizer, lr=args.lr, scheduler=args.scheduler, warmup_ratio=args.warmup_ratio
+    )
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        strategy=QLoRAStrategy(optimizer=optimizer),
+        plugins=plugins,
+        callbacks=callbacks,
+        max_steps=args.steps,
+        val_check_interval=args.val_every,
+        check_val_every_n_epoch=None,  # validate every `val_every` optimizer steps, across epochs
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        # no_grad rather than inference_mode for evaluation, as the package's job does: metric states (the
+        # Perplexity sums) reset under inference_mode by the validate() before fit cannot be updated in place
+        # by fit's own validation afterwards
+        inference_mode=False,
+    )
+    start = time.perf_counter()
+    step0 = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    points = [{"step": 0, **{k.removeprefix("val/"): float(v) for k, v in step0.items()}}]
+    curve.points.clear()  # the callback saw the validate() call too; step 0 is taken from its return value
+    fit_s = 0.0
+    if spec.train:
+        fit_start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        fit_s = time.perf_counter() - fit_start
+        points += curve.points
+        if points[-1]["step"] != trainer.global_step:  # the last step was not a validation step
+            final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+            points.append(
+                {"step": trainer.global_step, **{k.removeprefix("val/"): float(v) for k, v in final.items()}}
+            )
+    scores = per_example_scores(module, datamodule, args.task)
+    result: dict[str, Any] = {
+        "config": spec.key,
+        "label": spec.label,
+        "seed": seed,
+        "spec": asdict(spec),
+        "steps": trainer.global_step,
+        "curve": points,
+        "train_loss": curve.train_loss,
+        "final": points[-1],
+        "best_loss": min(p["loss"] for p in points),
+        "best_loss_step": min(points, key=lambda p: p["loss"])["step"],
+        "per_example": scores,
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad)
+        if spec.train
+        else 0,
+        "compute_dtype": str(precision.compute_dtype).removeprefix("torch.") if precision else "float32",
+        "quantization": precision.report.as_dict() if precision is not None and precision.report else None,
+        "fit_s": fit_s,
+        "wall_s": time.perf_counter() - start,
+    }
+    del trainer, module, datamodule
+    gc.collect()
+    return result
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], n: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of a - b over the same examples and its 95% percentile interval (resampling examples)."""
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(diff), (n, len(diff)), generator=gen)
+    means = diff[idx].mean(dim=1)
+    return float(diff.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(runs: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per configuration: metrics averaged over seeds, ratios and paired differences vs lora32."""
+    rows = []
+    ref_runs = {r["seed"]: r for r in runs if r["config"] == REFERENCE}
+    for key in keys:
+        mine = [r for r in runs if r["config"] == key]
+        row: dict[str, Any] = {"config": key, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine]}
+        for metric in ("loss", "acc", "f1", "ppl"):
+            values = [r["final"][metric] for r in mine if metric in r["final"]]
+            if values:
+                row[f"final_{metric}"], row[f"final_{metric}_std"] = _mean_std(values)
+        row["best_loss"], row["best_loss_std"] = _mean_std([r["best_loss"] for r in mine])
+        if ref_runs:
+            ratios = [r["final"]["loss"] / ref_runs[r["seed"]]["final"]["loss"] for r in mine]
+            row["loss_vs_lora32"] = _mean_std(ratios)[0]
+            row["best_loss_vs_lora32"] = _mean_std(
+                [r["best_loss"] / ref_runs[r["seed"]]["best_loss"] for r in mine]
+            )[0]
+            # paired over validation examples (and pooled over seeds): is the gap bigger than sampling noise?
+            a = [x for r in mine for x in r["per_example"]["loss"]]
+            b = [x for r in mine for x in ref_runs[r["seed"]]["per_example"]["loss"]]
+            row["loss_diff_vs_lora32"] = paired_bootstrap(a, b)
+            if mine[0]["per_example"]["correct"]:
+                a = [x for r in mine for x in r["per_example"]["correct"]]
+                b = [x for r in mine for x in ref_runs[r["seed"]]["per_example"]["correct"]]
+                row["acc_diff_vs_lora32"] = paired_bootstrap(a, b)
+        row["fit_s"] = _mean_std([r["fit_s"] for r in mine])[0]
+        rows.append(row)
+    return rows
+
+
+def build_table(rows: list[dict[str, Any]], task: str) -> str:
+    """The human-readable summary: one row per configuration."""
+    multi = any(len(r["seeds"]) > 1 for r in rows)
+
+    def with_std(row: dict[str, Any], key: str, spec: str) -> float | str | None:
+        """The mean over seeds, with "± std" when there are several (a number otherwise, right-aligned)."""
+        if key not in row:
+            return None
+        if not multi:
+            return float(format(row[key], spec))
+        text = format(row[key], spec)
+        if row.get(f"{key}_std") is not None:
+            text += " ± " + format(row[f"{key}_std"], spec)
+        return text
+
+    def interval(row: dict[str, Any], key: str, spec: str) -> str | None:
+        if key not in row:
+            return None
+        mean, lo, hi = row[key]
+        return f"{mean:+{spec}} [{lo:+{spec}}, {hi:+{spec}}]"
+
+    table = []
+    for r in rows:
+        line: dict[str, Any] = {
+            "config": r["label"],
+            "final val loss": with_std(r, "final_loss", ".4f"),
+            "best val loss": with_std(r, "best_loss", ".4f"),
+        }
+        if task == "sentiment":
+            line["acc"] = with_std(r, "final_acc", ".4f")
+            line["F1"] = with_std(r, "final_f1", ".4f")
+        else:
+            line["ppl"] = with_std(r, "final_ppl", ".2f")
+        line["loss / LoRA"] = r.get("loss_vs_lora32")
+        line["best loss / LoRA"] = r.get("best_loss_vs_lora32")
+        line["Δ loss vs LoRA [95% CI]"] = interval(r, "loss_diff_vs_lora32", ".4f")
+        if task == "sentiment":
+            line["Δ acc vs LoRA [95% CI]"] = interval(r, "acc_diff_vs_lora32", ".3f")
+        line["fit s"] = r["fit_s"] if r["fit_s"] else None
+        table.append(line)
+    formats = {
+        "final val loss": ".4f",
+        "best val loss": ".4f",
+        "acc": ".4f",
+        "F1": ".4f",
+        "ppl": ".2f",
+        "loss / LoRA": ".3f",
+        "best loss / LoRA": ".3f",
+        "fit s": ".0f",
+    }
+    return markdown_table(table, list(table[0]), formats)
+
+
+def _metric_at(run: dict[str, Any], metric: str, step: int) -> float:
+    """A run's validation metric at `step`; an untrained run keeps its step-0 value throughout."""
+    if not run["spec"]["train"]:
+        return float(run["curve"][0][metric])
+    return float(next(p[metric] for p in run["curve"] if p["step"] == step))
+
+
+def plot_curves(runs: list[dict[str, Any]], keys: Sequence[str], path: Path, task: str, title: str) -> None:
+    """Validation loss, its gap to 32-bit LoRA (same seed), and accuracy or perplexity, against step.
+
+    Lines are means over seeds; with several seeds the band spans the lowest to highest seed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    second = "acc" if task == "sentiment" else "ppl"
+    trained = [r for r in runs if r["spec"]["train"]]
+    steps = sorted({int(p["step"]) for r in trained for p in r["curve"]}) or [0]
+    reference = {r["seed"]: r for r in runs if r["config"] == REFERENCE}
+    styles = {"nf4_dq": "-", "nf4": "--", "fp4": "-", "lora32": "-", "untuned": ":"}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    panels: list[tuple[Any, str, bool]] = [(axes[0], "loss", False), (axes[2], second, False)]
+    if reference:
+        panels.append((axes[1], "loss", True))
+    for key in keys:
+        mine = [r for r in runs if r["config"] == key]
+        is_trained = bool(mine[0]["spec"]["train"])
+        for ax, metric, gap in panels:
+            if gap and (key == REFERENCE or not is_trained):
+                continue
+            per_seed = [
+                [
+                    _metric_at(r, metric, s) - (_metric_at(reference[r["seed"]], metric, s) if gap else 0.0)
+                    for s in steps
+                ]
+                for r in mine
+            ]
+            mean = [sum(v) / len(v) for v in zip(*per_seed, strict=True)]
+            ax.plot(
+                steps,
+                mean,
+                styles[key],
+                color=COLORS[key],
+                marker="o" if is_trained else None,
+                markersize=3,
+                linewidth=2.2 if key == REFERENCE else 1.6,
+                label=mine[0]["label"],
+                alpha=0.9,
+            )
+            if len(per_seed) > 1 and is_trained:
+                low = [min(v) for v in zip(*per_seed, strict=True)]
+                high = [max(v) for v in zip(*per_seed, strict=True)]
+                ax.fill_between(steps, low, high, color=COLORS[key], alpha=0.1, linewidth=0)
+    axes[0].set_ylabel("validation loss (cross-entropy)")
+    axes[1].set_ylabel("validation loss minus LoRA's (same seed)")
+    axes[1].axhline(0.0, color=COLORS[REFERENCE], linewidth=2.2, label="LoRA, fp32 base (= 0)")
+    axes[1].set_title("gap to 32-bit LoRA (> 0: worse)", fontsize=10)
+    axes[2].set_ylabel("validation accuracy" if second == "acc" else "validation perplexity")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper right", fontsize=9)
+    axes[1].legend(loc="best", fontsize=8)
+    seeds = sorted({r["seed"] for r in runs})
+    note = f"mean of {len(seeds)} seeds, band: seed range" if len(seeds) > 1 else ""
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="results folder"
+    )
+    parser.add_argument(
+        "--task",
+        choices=("sentiment", "alpaca"),
+        default="sentiment",
+        help="sentiment: pretrained MiniLM classifier (default); alpaca: tiny random Llama (pipeline check)",
+    )
+    parser.add_argument("--configs", nargs="+", choices=list(SPECS), default=list(SPECS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="one set of runs per seed")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (task default: 150 / 60)")
+    parser.add_argument("--val-every", type=int, help="validate every this many steps (default 10)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (task default: 1e-3 / 1e-3)")
+    parser.add_argument("--scheduler", choices=("constant", "linear", "cosine"), help="after warmup")
+    parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    parser.add_argument(
+        "--optimizer", default="paged_adamw", help="OptimizerConfig name (paper: paged_adamw)"
+    )
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank (the sentiment preset's 8)")
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--lora-dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--compute-dtype",
+        default="float32",
+        help="dtype of the 4-bit matmuls: float32 (default, exact on any CPU), bfloat16, float16, auto",
+    )
+    parser.add_argument("--accelerator", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--replot", action="store_true", help="only redo table and figure from <out>/*.json")
+    args = parser.parse_args(argv)
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.compute_dtype in ("float32", "bfloat16", "float16"):
+        args.compute_dtype = getattr(torch, args.compute_dtype)
+    return args
+
+
+def plot_title(payload: dict[str, Any]) -> str:
+    """What the curves are of, for the figure's title."""
+    st = payload["settings"]
+    seeds = ", ".join(str(s) for s in st["seeds"])
+    return (
+        f"{payload['model']}, {payload['task']}: {st['steps']} steps, LoRA r={st['r']}, "
+        f"lr {st['lr']:g} {st['scheduler']}, 4-bit compute {st['compute_dtype']}, "
+        f"seed{'s' if len(st['seeds']) > 1 else ''} {seeds}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    name = NAME if args.task == "sentiment" else f"{NAME}_{args.task}"
+    if args.replot:  # redraw table and figure from the stored runs, without training again
+        payload = json.loads((args.out / f"{name}.json").read_text(encoding="utf-8"))
+        keys = [row["config"] for row in payload["summary"]]
+        payload["summary"] = summarize(payload["runs"], keys)
+        table = build_table(payload["summary"], payload["task"])
+        write_results(args.out, name, payload, table)
+        plot_curves(
+            payload["runs"], keys, args.out / f"{name}_curves.png", payload["task"], plot_title(payload)
+        )
+        print(table)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    for logger_name in ("lightning.pytorch", "lightning.fabric", "lightning_qlora"):
+        logging.getLogger(logger_name).setLevel(logging.WARNING)
+    keys = [k for k in SPECS if k in args.configs]
+    runs = []
+    for seed in args.seeds:
+        for key in keys:
+            print(f"[quality] seed {seed}: {SPECS[key].label} ...", flush=True)
+            result = run_one(SPECS[key], args, seed)
+            final = result["final"]
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step")
+            print(f"[quality]   step {result['steps']}: {shown}  ({result['wall_s']:.0f} s)", flush=True)
+            runs.append(result)
+    rows = summarize(runs, keys)
+    table = build_table(rows, args.task)
+    settings = {
+        k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)
+        for k, v in vars(args).items()
+        if k not in ("out", "replot")
+    }
+    model = (
+        "all-MiniLM-L6-v2 (pretrained) + linear head" if args.task == "sentiment" else "tiny Llama (random)"
+    )
+    payload = {
+        "benchmark": name,
+        "what": "validation metrics of LoRA fine-tuning over 4-bit (NF4/FP4, ±DQ) and fp32 bases",
+        "task": args.task,
+        "model": model,
+        "reference": REFERENCE,
+        "settings": settings,
+        "machine": machine_info(),
+        "summary": rows,
+        "runs": runs,
+    }
+    write_results(args.out, name, payload, table)
+    plot_curves(runs, keys, args.out / f"{name}_curves.png", args.task, plot_title(payload))
+    print(table)
+    print(f"[quality] wrote {args.out / (name + '.json')}, .md and _curves.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
