@@ -13,12 +13,15 @@ packaged sentiment reviews with five configurations, one after the other in this
 - ``untuned``: the fp32 base with its freshly initialised head, validated only (chance level)
 
 It validates every ``--val-every`` steps, then scores every validation example once more with the final
-weights so differences between configurations get a paired bootstrap interval (validation-set noise only;
-``--seeds`` adds seed-to-seed noise). ``--task alpaca`` runs the tiny from-scratch Llama of the examples
-instead; its weights are random, so 4-bit errors there say nothing about pretrained models (a pipeline
-check only).
+weights so differences between configurations get a paired bootstrap interval (validation-set noise; the
+repeats over ``--seeds`` show the training noise). Before training it also measures how far each stored
+base moves the pooled sentence features (the head's input) from the fp32 base's: a deterministic view of
+the quantization damage that fine-tuning then has to work around. ``--task alpaca`` runs the tiny
+from-scratch Llama of the examples instead; its weights are random, so 4-bit errors there say nothing about
+pretrained models (a pipeline check only).
 
-Run: ``python benchmarks/quality.py [--steps 120] [--val-every 10] [--seeds 42] [--out benchmarks/results]``
+Run: ``python benchmarks/quality.py [--seeds 42 43 44] [--steps 150] [--val-every 10] [--out DIR]``
+(``--replot`` redraws table and figure from the JSON).
 """
 
 from __future__ import annotations
@@ -123,6 +126,36 @@ def build_task(task: str, seed: int, batch_size: int) -> tuple[Any, Any, list[st
 
 
 @torch.no_grad()
+def pooled_features(module: Any, datamodule: Any) -> torch.Tensor:
+    """The classifier's input (pooled encoder output) for every validation sentence, in eval mode."""
+    was_training = module.training
+    module.eval()
+    out = []
+    for batch in datamodule.val_dataloader():
+        ids, mask = batch["input_ids"].to(module.device), batch["attention_mask"].to(module.device)
+        hidden = module.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out.append(module.pool(hidden, mask).float().cpu())
+    module.train(was_training)
+    return torch.cat(out)
+
+
+def reference_features(args: argparse.Namespace) -> torch.Tensor | None:
+    """Pooled features of the unquantized fp32 base, to measure what each 4-bit format does to them."""
+    if args.task != "sentiment":
+        return None
+    module, datamodule, _ = build_task(args.task, 0, args.batch_size)
+    datamodule.setup()
+    return pooled_features(module, datamodule)
+
+
+def feature_error(features: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Relative Frobenius error and mean cosine similarity of pooled features against the fp32 base's."""
+    rel = float((features - reference).norm() / reference.norm())
+    cosine = float(torch.nn.functional.cosine_similarity(features, reference, dim=-1).mean())
+    return {"rel_error": rel, "cosine": cosine}
+
+
+@torch.no_grad()
 def per_example_scores(module: Any, datamodule: Any, task: str) -> dict[str, list[float]]:
     """Loss (and correctness) of every validation example with the final weights, for paired bootstraps."""
     was_training = module.training
@@ -147,7 +180,9 @@ def per_example_scores(module: Any, datamodule: Any, task: str) -> dict[str, lis
     return {"loss": losses, "correct": correct}
 
 
-def run_one(spec: RunSpec, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+def run_one(
+    spec: RunSpec, args: argparse.Namespace, seed: int, ref_features: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Train (or only validate) one configuration from a fresh seed; returns its curve and final metrics."""
     pl.seed_everything(seed, workers=True, verbose=False)
     module, datamodule, modules_to_save = build_task(args.task, seed, args.batch_size)
@@ -193,6 +228,10 @@ def run_one(spec: RunSpec, args: argparse.Namespace, seed: int) -> dict[str, Any
     step0 = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     points = [{"step": 0, **{k.removeprefix("val/"): float(v) for k, v in step0.items()}}]
     curve.points.clear()  # the callback saw the validate() call too; step 0 is taken from its return value
+    # the base as stored (quantized by now; the new adapters' B is zero, so they add nothing yet)
+    features = None
+    if ref_features is not None:
+        features = feature_error(pooled_features(module, datamodule), ref_features)
     fit_s = 0.0
     if spec.train:
         fit_start = time.perf_counter()
@@ -222,6 +261,7 @@ def run_one(spec: RunSpec, args: argparse.Namespace, seed: int) -> dict[str, Any
         else 0,
         "compute_dtype": str(precision.compute_dtype).removeprefix("torch.") if precision else "float32",
         "quantization": precision.report.as_dict() if precision is not None and precision.report else None,
+        "base_feature_error": features,
         "fit_s": fit_s,
         "wall_s": time.perf_counter() - start,
     }
@@ -275,6 +315,9 @@ def summarize(runs: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str,
                 b = [x for r in mine for x in ref_runs[r["seed"]]["per_example"]["correct"]]
                 row["acc_diff_vs_lora32"] = paired_bootstrap(a, b)
         row["fit_s"] = _mean_std([r["fit_s"] for r in mine])[0]
+        if mine[0].get("base_feature_error"):
+            row["feature_rel_error"] = mine[0]["base_feature_error"]["rel_error"]
+            row["feature_cosine"] = mine[0]["base_feature_error"]["cosine"]
         rows.append(row)
     return rows
 
@@ -317,7 +360,8 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
         line["Δ loss vs LoRA [95% CI]"] = interval(r, "loss_diff_vs_lora32", ".4f")
         if task == "sentiment":
             line["Δ acc vs LoRA [95% CI]"] = interval(r, "acc_diff_vs_lora32", ".3f")
-        line["fit s"] = r["fit_s"] if r["fit_s"] else None
+        if task == "sentiment":
+            line["base feature err."] = r.get("feature_rel_error")
         table.append(line)
     formats = {
         "final val loss": ".4f",
@@ -327,7 +371,7 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
         "ppl": ".2f",
         "loss / LoRA": ".3f",
         "best loss / LoRA": ".3f",
-        "fit s": ".0f",
+        "base feature err.": ".4f",
     }
     return markdown_table(table, list(table[0]), formats)
 
@@ -420,7 +464,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sentiment: pretrained MiniLM classifier (default); alpaca: tiny random Llama (pipeline check)",
     )
     parser.add_argument("--configs", nargs="+", choices=list(SPECS), default=list(SPECS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="one set of runs per seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="one set of runs per seed")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (task default: 150 / 60)")
     parser.add_argument("--val-every", type=int, help="validate every this many steps (default 10)")
     parser.add_argument("--lr", type=float, help="peak learning rate (task default: 1e-3 / 1e-3)")
@@ -482,11 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     for logger_name in ("lightning.pytorch", "lightning.fabric", "lightning_qlora"):
         logging.getLogger(logger_name).setLevel(logging.WARNING)
     keys = [k for k in SPECS if k in args.configs]
+    ref_features = reference_features(args)
     runs = []
     for seed in args.seeds:
         for key in keys:
             print(f"[quality] seed {seed}: {SPECS[key].label} ...", flush=True)
-            result = run_one(SPECS[key], args, seed)
+            result = run_one(SPECS[key], args, seed, ref_features)
             final = result["final"]
             shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step")
             print(f"[quality]   step {result['steps']}: {shown}  ({result['wall_s']:.0f} s)", flush=True)

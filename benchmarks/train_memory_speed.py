@@ -114,9 +114,9 @@ class Meter:
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.losses: list[float] = []
-        self.rss_after_step_mib: list[
-            float | None
-        ] = []  # growth from step to step means a leak or fragmentation
+        # Growth from step to step would mean a leak or allocator fragmentation.
+        self.rss_after_step_mib: list[float | None] = []
+        self.anon_after_step_mib: list[float | None] = []
         self.setup_peak_mib: float | None = None
         self.train_peak_mib: float | None = None
         self.profile_path = profile_path
@@ -174,6 +174,7 @@ class Meter:
             return
         self.losses.append(loss)
         self.rss_after_step_mib.append(mib(proc_status_kib("VmRSS")))
+        self.anon_after_step_mib.append(mib(proc_status_kib("RssAnon")))
         if self.step > self.warmup:
             self.wall.append(wall)
             self.cpu.append(cpu)
@@ -185,6 +186,13 @@ class Meter:
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def base_param_count(config: Mapping[str, Any]) -> int:
+    """Parameters of the model before adapters (MHA, untied head): what every configuration starts from."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    return config["num_hidden_layers"] * per_layer + 2 * vocab * hidden + hidden
 
 
 def token_batches(vocab: int, steps: int, seq_len: int, seed: int) -> Any:
@@ -435,6 +443,7 @@ def worker_main(args: argparse.Namespace) -> int:
         "cpu_s_per_step": statistics.median(cpu),
         "losses": meter.losses,
         "rss_after_step_mib": meter.rss_after_step_mib,
+        "anon_after_step_mib": meter.anon_after_step_mib,
         "worker_s": time.perf_counter() - started,
         **summary,
     }
@@ -727,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens_per_step = args.seq_len  # batch 1
     rows = aggregate(runs, tokens_per_step)
-    params = next((r["total_params"] for r in rows if "total_params" in r), 0)
+    params = base_param_count(config_kwargs)
     info = machine_info()
     info["device"] = args.device
     payload = {
