@@ -204,7 +204,9 @@ def library_warm_up(compute_dtype: Any) -> None:
         model(torch.randn(2, 256))
 
 
-def run_worker(script: Path, worker_args: Sequence[str], timeout: float) -> dict[str, Any]:
+def run_worker(
+    script: Path, worker_args: Sequence[str], timeout: float, extra_env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``script --worker ...`` in a fresh interpreter; return the JSON it wrote, or the failure."""
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
         result_path = Path(tmp) / "result.json"
@@ -214,6 +216,7 @@ def run_worker(script: Path, worker_args: Sequence[str], timeout: float) -> dict
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            **(extra_env or {}),
         }
         started = time.perf_counter()
         try:

@@ -120,6 +120,8 @@ class Meter:
         self.setup_peak_mib: float | None = None
         self.train_peak_mib: float | None = None
         self.profile_path = profile_path
+        self.sampler: AnonPeakSampler | None = None
+        self.anon_peak_mib: float | None = None
         self._profiler: Any = None
         self._t0 = 0.0
         self._c0 = 0.0
@@ -180,6 +182,9 @@ class Meter:
             self.cpu.append(cpu)
         if self.step == self.total:
             self.train_peak_mib = self.peak_mib()
+            if self.sampler is not None:  # read now: a profiled step may follow, and must not count
+                self.sampler.sample()
+                self.anon_peak_mib = mib(self.sampler.peak_anon_kib)
 
     def _sync(self) -> None:
         import torch
@@ -418,6 +423,7 @@ def worker_main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         with AnonPeakSampler(interval=0.01) as sampler:
+            meter.sampler = sampler
             if args.worker == "peft_qlora":
                 run_peft(model_dir, args, device, data, meter, summary)
             else:
@@ -433,7 +439,7 @@ def worker_main(args: argparse.Namespace) -> int:
         "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process VmHWM",
         "baseline_mib": base_mib,
         "baseline_anon_mib": base_anon_mib,
-        "peak_anon_sampled_mib": mib(sampler.peak_anon_kib) if device.type == "cpu" else None,
+        "peak_anon_sampled_mib": meter.anon_peak_mib if device.type == "cpu" else None,
         "setup_peak_mib": meter.setup_peak_mib,
         "train_peak_mib": meter.train_peak_mib,
         "peak_mib": max(x for x in (meter.setup_peak_mib, meter.train_peak_mib) if x is not None),
@@ -498,12 +504,14 @@ def aggregate(runs: Mapping[str, list[dict[str, Any]]], tokens_per_step: int) ->
             for key in (
                 "peak_mib",
                 "train_peak_mib",
+                "peak_anon_sampled_mib",
                 "param_mib",
                 "s_per_step",
                 "cpu_s_per_step",
                 "tokens_per_s",
             ):
-                row[f"{key}_vs_lora"] = row[key] / reference[key]
+                if row.get(key) is not None and reference.get(key):
+                    row[f"{key}_vs_lora"] = row[key] / reference[key]
     return rows
 
 
@@ -514,13 +522,16 @@ def build_tables(rows: list[dict[str, Any]], device: str) -> str:
         "peak_mib": f"peak {mem_unit}",
         "peak_mib_vs_lora": "peak / LoRA",
         "train_peak_mib": f"training peak {mem_unit}",
-        "train_peak_mib_vs_lora": "training peak / LoRA",
         "setup_peak_mib": f"load+setup peak {mem_unit}",
+        "peak_anon_sampled_mib": "anon. peak MiB",
+        "peak_anon_sampled_mib_vs_lora": "anon. peak / LoRA",
         "param_mib": "param MiB",
         "param_mib_vs_lora": "param / LoRA",
         "optimizer_state_mib": "optimizer state MiB",
         "trainable_params": "trainable params",
     }
+    if device == "cuda":  # no file-backed pages on a GPU
+        memory_cols = {k: v for k, v in memory_cols.items() if not k.startswith("peak_anon")}
     speed_cols = {
         "config": "configuration",
         "s_per_step": "s / step",
@@ -537,6 +548,8 @@ def build_tables(rows: list[dict[str, Any]], device: str) -> str:
         f"training peak {mem_unit}": ".0f",
         f"load+setup peak {mem_unit}": ".0f",
         "param MiB": ".1f",
+        "anon. peak MiB": ".0f",
+        "anon. peak / LoRA": ".2f",
         "optimizer state MiB": ".1f",
         "peak / LoRA": ".2f",
         "training peak / LoRA": ".2f",
@@ -598,6 +611,13 @@ def plot_memory(rows: Sequence[Mapping[str, Any]], path: Path, title: str, devic
             label = (baseline_label if name == "baseline" else name) if j == 0 else None
             ax.bar(j, value / 1024, 0.6, bottom=bottom / 1024, color=color, label=label, edgecolor="white")
             bottom += value
+        anon = row.get("peak_anon_sampled_mib")
+        if anon:
+            label = "anonymous-memory peak (sampled; leaves out pages of the mapped checkpoint)"
+            label = label if j == 0 else None
+            ax.hlines(
+                anon / 1024, j - 0.36, j + 0.36, colors="black", linestyles="--", linewidth=1.3, label=label
+            )
         ratio = row.get("peak_mib_vs_lora")
         note = f"{row['peak_mib'] / 1024:.2f} GiB" + (f"\n{ratio:.2f}x LoRA" if ratio is not None else "")
         ax.annotate(
@@ -662,6 +682,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the saved model here")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: <out>/train_memory.png)")
+    parser.add_argument("--name", default=NAME, help="results file name (without extension)")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the workers: blocks at least this big are "
+        "returned to the OS when freed, so the peak shows live memory rather than freed memory glibc kept "
+        "(slower; a diagnostic, not a recommendation)",
+    )
     # internal: run one configuration in this process
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -699,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir = args.model_dir
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.configs}
+    extra_env = (
+        {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else None
+    )
     try:
         if not (model_dir / "config.json").exists():
             model_dir.mkdir(parents=True, exist_ok=True)
@@ -717,7 +749,10 @@ def main(argv: list[str] | None = None) -> int:
             order = args.configs if round_index % 2 == 0 else list(reversed(args.configs))
             for name in (n for n in order if n not in failed):
                 result = run_worker(
-                    script, ["--worker", name, "--model-dir", str(model_dir), *common], args.timeout
+                    script,
+                    ["--worker", name, "--model-dir", str(model_dir), *common],
+                    args.timeout,
+                    extra_env,
                 )
                 runs[name].append(result)
                 if result.get("ok"):
@@ -752,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "compute_dtype": args.compute_dtype,
             "threads": args.threads,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold,
             "seed": args.seed,
             "lora": {**LORA, "targets": "every linear layer but lm_head"},
             "optimizer": {
@@ -784,11 +820,17 @@ def main(argv: list[str] | None = None) -> int:
            f", {info['cpu_count']} CPU cores, {args.threads or 'default'} torch thread(s)")
         + f". {args.warmup} warm-up + {args.steps} timed steps, median step, best of {args.repeats}; "
         "ratios are to LoRA. Peak: the worker process's highest resident memory from after its imports "
-        "(loading included); training peak: from the first training step on.\n\n"
+        "(loading included); training peak: from the first training step on; anon. peak: highest "
+        "anonymous (not file-backed) resident memory, sampled every 10 ms, so without the pages of the "
+        "memory-mapped safetensors checkpoint that are still mapped. CPU s / step: process CPU time, less "
+        "sensitive than wall time to other load on the machine."
+        + (f" Workers ran with MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}."
+           if args.malloc_mmap_threshold else "")
+        + "\n\n"
     )  # fmt: skip
     table = build_tables(rows, "cuda" if args.device.startswith("cuda") else "cpu")
-    write_results(args.out, NAME, payload, header + table)
-    plot_path = args.plot or args.out / "train_memory.png"
+    write_results(args.out, args.name, payload, header + table)
+    plot_path = args.plot or args.out / ("train_memory.png" if args.name == NAME else f"{args.name}.png")
     plot_memory(
         rows,
         plot_path,
@@ -797,8 +839,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda" if args.device.startswith("cuda") else "cpu",
     )
     print(header + table, end="")
-    print(f"\nwrote {args.out / (NAME + '.json')}, {args.out / (NAME + '.md')} and {plot_path} "
-          f"({payload['runtime_s']:.0f} s)")  # fmt: skip
+    stem = args.out / args.name
+    print(f"\nwrote {stem}.json, {stem}.md and {plot_path} ({payload['runtime_s']:.0f} s)")
     return 0
 
 
