@@ -280,6 +280,9 @@ def run_lightning(
         def __init__(self, model: Any) -> None:
             super().__init__()
             self.model = model
+            # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, dropout
+            # and the strategy's activation checkpointing (training forwards only) would be off.
+            self.model.train()
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             return self.model(input_ids=batch, labels=batch).loss

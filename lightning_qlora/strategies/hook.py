@@ -171,6 +171,31 @@ class _PagedOptimizerMixin(Strategy):
         )
 
     @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Step, then free the gradients the step has consumed (automatic optimization only).
+
+        Lightning zeroes gradients just before the next backward, so the last step's gradients stay
+        allocated through the whole next forward pass, interleaved with its temporaries (on CPU glibc then
+        grows the heap instead of reusing memory). A plain PyTorch loop or transformers' Trainer frees them
+        right after the step; so does this. A module that overrides `optimizer_zero_grad` keeps its own.
+        """
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        module = self.lightning_module
+        if (
+            module is not None
+            and module.automatic_optimization
+            and not is_overridden("optimizer_zero_grad", module)
+        ):
+            optimizer.zero_grad(set_to_none=True)
+        return output
+
+    @override
     def _setup_model(self, model: nn.Module) -> Any:  # Any: DDPStrategy's returns the DDP wrapper
         """Checkpoint activations before any wrapper (DDP) sees the model."""
         if self.activation_checkpointing is not None:
