@@ -116,10 +116,10 @@ class ValidationCurve(Callback):
 def build_task(task: str, seed: int, batch_size: int) -> tuple[Any, Any, list[str]]:
     """A fresh module and datamodule, built after seeding so that every run starts from the same head."""
     if task == "sentiment":
-        from lightning_qlora.examples.classification import SentimentDataModule, TextClassifier
+        from lightning_qlora.tasks.classification import SentimentDataModule, TextClassifier
 
         return TextClassifier(), SentimentDataModule(batch_size=batch_size, seed=seed), ["classifier"]
-    from lightning_qlora.examples.instruction import CausalLMInstructionModule, InstructionDataModule
+    from lightning_qlora.tasks.instruction import CausalLMInstructionModule, InstructionDataModule
 
     module = CausalLMInstructionModule(num_samples_to_generate=0)
     return module, InstructionDataModule(batch_size=batch_size, seed=seed), []

@@ -30,7 +30,7 @@ from .classification import (
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-log = logging.getLogger("lightning_qlora.examples")
+log = logging.getLogger("lightning_qlora.tasks")
 
 IGNORE_INDEX = -100
 PROMPT_TEMPLATE: dict[str, str] = {

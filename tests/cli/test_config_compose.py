@@ -16,8 +16,8 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qlora import LoRA, QLoRAPrecision
-from lightning_qlora.config import conf_dir
-from lightning_qlora.config.job import build_loggers, build_strategy
+from lightning_qlora.cli import conf_dir
+from lightning_qlora.cli.job import build_loggers, build_strategy
 from lightning_qlora.strategies import OptimizerConfig, QLoRADDPStrategy, QLoRAStrategy
 
 CONF = conf_dir()
@@ -182,7 +182,7 @@ def test_the_tiny_causal_lm_builds(compose_train: Compose) -> None:
 
 def test_build_names_the_node_that_failed(compose_train: Compose, tmp_path: Path) -> None:
     """The CLI prints this message as its one-line error (see test_train_cli)."""
-    from lightning_qlora.config.job import SetupError, build
+    from lightning_qlora.cli.job import SetupError, build
 
     missing = tmp_path / "nowhere"
     with pytest.raises(SetupError) as info:
@@ -199,7 +199,7 @@ def test_build_names_the_node_that_failed(compose_train: Compose, tmp_path: Path
 
 
 def test_pattern_errors_during_the_run_blame_the_lora_node() -> None:
-    from lightning_qlora.config.job import run_config_errors
+    from lightning_qlora.cli.job import run_config_errors
     from lightning_qlora.lora import PatternMatchError
 
     assert run_config_errors()[PatternMatchError] == "lora"

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qlora import LoRA, QLoRAPrecision
-from lightning_qlora.config import BASE_CONFIG_NAME, LoRAConf, OptimizerConf, PrecisionConf, TrainConfig
+from lightning_qlora.cli import BASE_CONFIG_NAME, LoRAConf, OptimizerConf, PrecisionConf, TrainConfig
 from lightning_qlora.strategies import OptimizerConfig
 
 Compose = Callable[..., DictConfig]

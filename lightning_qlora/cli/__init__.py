@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lightning_qlora.config.paths import conf_dir
-from lightning_qlora.config.resolvers import register_resolvers, wandb_offline
-from lightning_qlora.config.schema import (
+from lightning_qlora.cli.paths import conf_dir
+from lightning_qlora.cli.resolvers import register_resolvers, wandb_offline
+from lightning_qlora.cli.schema import (
     BASE_CONFIG_NAME,
     LoRAConf,
     MetricConf,

@@ -37,7 +37,7 @@ def _console_script() -> str:
 
 def run_module(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lightning_qlora.train", *args],
+        [sys.executable, "-m", "lightning_qlora.cli.train", *args],
         cwd=cwd,
         env=_env(),
         capture_output=True,
@@ -65,7 +65,7 @@ def _check_run_folder(run_dir: Path, r: int, metric: str) -> dict:
 
 @pytest.mark.slow
 def test_default_job_end_to_end(tmp_path: Path) -> None:
-    """The default (MiniLM sentiment, NF4 + DQ) for two steps, via `python -m lightning_qlora.train`."""
+    """The default (MiniLM sentiment, NF4 + DQ) for two steps, via `python -m lightning_qlora.cli.train`."""
     run_dir = tmp_path / "run"
     args = [*FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=2", f"hydra.run.dir={run_dir}"]
     proc = run_module(args, cwd=tmp_path)

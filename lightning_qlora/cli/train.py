@@ -1,4 +1,4 @@
-"""`lightning-qlora-train` (or `python -m lightning_qlora.train`): QLoRA fine-tuning from a Hydra config.
+"""`lightning-qlora-train` (or `python -m lightning_qlora.cli.train`): QLoRA fine-tuning from a Hydra config.
 
     lightning-qlora-train                                  # MiniLM sentiment, NF4 + DQ, a few CPU minutes
     lightning-qlora-train lora.r=16 precision=nf4 trainer.max_steps=100
@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import hydra
 from omegaconf import DictConfig
 
-from lightning_qlora.config import conf_dir
+from lightning_qlora.cli import conf_dir
 
 if TYPE_CHECKING:
-    from lightning_qlora.config.job import JobParts, SetupError
+    from lightning_qlora.cli.job import JobParts, SetupError
 
 SETUP_ERROR_EXIT_CODE = 2
 # Libraries that log through their own handler when imported before Hydra configured logging.
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: Hydra composes and checks the config; the job is built, trained and summarized."""
     from lightning.pytorch import seed_everything
 
-    from lightning_qlora.config.job import SetupError, build, run_config_errors
+    from lightning_qlora.cli.job import SetupError, build, run_config_errors
 
     route_library_logs()
     start = time.perf_counter()
@@ -68,8 +68,8 @@ def _exit_with_config_error(err: SetupError) -> NoReturn:
 
 def run(cfg: DictConfig, parts: JobParts, start: float) -> float | None:
     """Validate (untuned), fit, validate (tuned), summarize; returns the tuned metric."""
-    from lightning_qlora.config.job import finish_loggers
-    from lightning_qlora.config.summary import metrics_dict
+    from lightning_qlora.cli.job import finish_loggers
+    from lightning_qlora.cli.summary import metrics_dict
 
     trainer, model, datamodule = parts.trainer, parts.model, parts.datamodule
     before: dict[str, Any] = {}
@@ -98,7 +98,7 @@ def summarize(
     """Collect the summary; rank 0 prints it and writes `summary.json` to the run folder."""
     from hydra.core.hydra_config import HydraConfig
 
-    from lightning_qlora.config.summary import (
+    from lightning_qlora.cli.summary import (
         compare,
         format_summary,
         peak_memory,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_qlora.config import paths, wandb_offline
-from lightning_qlora.config.summary import compare, format_summary, peak_memory, write_summary
-from lightning_qlora.throughput import TokenThroughput
+from lightning_qlora.cli import paths, wandb_offline
+from lightning_qlora.cli.summary import compare, format_summary, peak_memory, write_summary
+from lightning_qlora.cli.throughput import TokenThroughput
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,7 +44,7 @@ def test_the_wheel_ships_conf_where_conf_dir_looks() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     force_include = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
     assert force_include["conf"] == f"{paths.PACKAGE_DIR.name}/conf"
-    assert pyproject["project"]["scripts"]["lightning-qlora-train"] == "lightning_qlora.train:main"
+    assert pyproject["project"]["scripts"]["lightning-qlora-train"] == "lightning_qlora.cli.train:main"
 
 
 @pytest.mark.parametrize(

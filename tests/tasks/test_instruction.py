@@ -13,14 +13,14 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
-from lightning_qlora.examples import (
+from lightning_qlora.tasks import (
     CausalLMInstructionModule,
     InstructionDataModule,
     LengthGroupedBatchSampler,
     encode_instruction,
     format_prompt,
 )
-from lightning_qlora.examples.instruction import special_token_ids
+from lightning_qlora.tasks.instruction import special_token_ids
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2}
 
@@ -182,7 +182,7 @@ def test_fit_from_tiny_config_logs_metrics_and_samples(
     torch.manual_seed(0)
     model = TrainableLM(model_config=TINY, num_samples_to_generate=2, max_new_tokens=4)
     assert model.model.config.vocab_size == len(datamodule.tokenizer)
-    with caplog.at_level(logging.INFO, logger="lightning_qlora.examples"):
+    with caplog.at_level(logging.INFO, logger="lightning_qlora.tasks"):
         trainer().fit(model, datamodule=datamodule)
     metrics = model.trainer.callback_metrics
     for name in ("train/loss", "val/loss", "val/ppl", "train/tokens_seen", "train/tokens_per_s"):
@@ -191,7 +191,7 @@ def test_fit_from_tiny_config_logs_metrics_and_samples(
     assert model.tokens_seen > 0
     assert model.tokens_seen == int(metrics["train/tokens_seen"])
     samples = [
-        r for r in caplog.records if r.name == "lightning_qlora.examples" and "prompt:" in r.getMessage()
+        r for r in caplog.records if r.name == "lightning_qlora.tasks" and "prompt:" in r.getMessage()
     ]
     assert len(samples) == 2
     assert "below is an instruction" in samples[0].getMessage()

@@ -1,4 +1,4 @@
-"""OmegaConf resolvers the configs use, registered once on import of `lightning_qlora.config`."""
+"""OmegaConf resolvers the configs use, registered once on import of `lightning_qlora.cli`."""
 
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_qlora.cli.throughput import TokenThroughput
 from lightning_qlora.lora.callback import LoRA
-from lightning_qlora.throughput import TokenThroughput
 
 # Errors that mean "this config is wrong" (a missing folder, a bad value, an unknown argument, a pattern
 # that names no module) when raised while building, as opposed to bugs during training.

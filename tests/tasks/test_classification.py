@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_qlora.examples import SentimentDataModule, TextClassifier, default_pretrained_path
+from lightning_qlora.tasks import SentimentDataModule, TextClassifier, default_pretrained_path
 
 
 class TrainableClassifier(TextClassifier):

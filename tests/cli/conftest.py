@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from lightning_qlora.config import conf_dir
+from lightning_qlora.cli import conf_dir
 
 
 @pytest.fixture
