@@ -20,8 +20,8 @@ the quantization damage that fine-tuning then has to work around. ``--task alpac
 from-scratch Llama of the examples instead; its weights are random, so 4-bit errors there say nothing about
 pretrained models (a pipeline check only).
 
-Run: ``python benchmarks/quality.py [--seeds 42 43 44] [--steps 150] [--val-every 10] [--out DIR]``
-(``--replot`` redraws table and figure from the JSON).
+Run: ``python -m benchmarks.quality [--seeds 42 43 44] [--steps 150] [--val-every 10] [--out DIR]``
+(``--replot`` redraws table and figure from the JSON). Another model is one more `TaskSpec` in `TASKS`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks.harness import base_parser, machine_info, markdown_table, report_written, write_results
 from lightning_qlora import LoRA, OptimizerConfig, QLoRAPrecision, QLoRAStrategy
-
-try:  # run as ``python benchmarks/quality.py`` (script dir on sys.path) or as a module
-    from _results import machine_info, markdown_table, write_results
-except ImportError:  # pragma: no cover - depends on how the script is launched
-    from benchmarks._results import machine_info, markdown_table, write_results
 
 NAME = "quality"
 REFERENCE = "lora32"  # every loss is also reported as a ratio to plain LoRA over the fp32 base
@@ -77,13 +73,62 @@ SPECS: dict[str, RunSpec] = {
 }
 COLORS = {"nf4_dq": "tab:blue", "nf4": "tab:cyan", "fp4": "tab:red", "lora32": "black", "untuned": "gray"}
 
-# Per-task defaults. Sentiment follows the package's `sentiment_qlora` preset (rank 8, linear decay after 10%
-# warmup, conf/experiment/sentiment_qlora.yaml) but at half its lr for 5 epochs: at 2e-3 the validation loss
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One model + data pair to fine-tune: how to build it, how to score it, and its default settings.
+
+    `build(seed, batch_size)` returns a fresh module, its datamodule and the module names LoRA trains in
+    full (a new head). `kind` picks the per-example scoring ("classification": logits of labels;
+    "causal_lm": mean response-token loss). `pretrained` tasks also get the base-feature error (the pooled
+    encoder output against the fp32 base's), which needs the module's ``model`` and ``pool``.
+    """
+
+    key: str
+    model: str
+    build: Callable[[int, int], tuple[Any, Any, list[str]]]
+    kind: str
+    pretrained: bool
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _build_sentiment(seed: int, batch_size: int) -> tuple[Any, Any, list[str]]:
+    from lightning_qlora.tasks.classification import SentimentDataModule, TextClassifier
+
+    return TextClassifier(), SentimentDataModule(batch_size=batch_size, seed=seed), ["classifier"]
+
+
+def _build_alpaca(seed: int, batch_size: int) -> tuple[Any, Any, list[str]]:
+    from lightning_qlora.tasks.instruction import CausalLMInstructionModule, InstructionDataModule
+
+    module = CausalLMInstructionModule(num_samples_to_generate=0)
+    return module, InstructionDataModule(batch_size=batch_size, seed=seed), []
+
+
+# Sentiment follows the package's `sentiment_qlora` preset (rank 8, linear decay after 10% warmup,
+# conf/experiment/sentiment_qlora.yaml) but at half its lr for 5 epochs: at 2e-3 the validation loss
 # bottoms out after 2 epochs and then climbs as the head grows over-confident, which buries the formats'
 # differences in the noise of a few confidently wrong examples. Alpaca follows `alpaca_tiny_llama`.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sentiment": {"steps": 150, "val_every": 10, "lr": 1e-3, "scheduler": "linear", "batch_size": 16},
-    "alpaca": {"steps": 60, "val_every": 10, "lr": 1e-3, "scheduler": "cosine", "batch_size": 8},
+TASKS: dict[str, TaskSpec] = {
+    spec.key: spec
+    for spec in (
+        TaskSpec(
+            "sentiment",
+            "all-MiniLM-L6-v2 (pretrained) + linear head",
+            _build_sentiment,
+            kind="classification",
+            pretrained=True,
+            defaults={"steps": 150, "val_every": 10, "lr": 1e-3, "scheduler": "linear", "batch_size": 16},
+        ),
+        TaskSpec(
+            "alpaca",
+            "tiny Llama (random)",
+            _build_alpaca,
+            kind="causal_lm",
+            pretrained=False,
+            defaults={"steps": 60, "val_every": 10, "lr": 1e-3, "scheduler": "cosine", "batch_size": 8},
+        ),
+    )
 }
 
 
@@ -113,18 +158,6 @@ class ValidationCurve(Callback):
         self.train_loss.append((trainer.global_step, float(loss)))
 
 
-def build_task(task: str, seed: int, batch_size: int) -> tuple[Any, Any, list[str]]:
-    """A fresh module and datamodule, built after seeding so that every run starts from the same head."""
-    if task == "sentiment":
-        from lightning_qlora.tasks.classification import SentimentDataModule, TextClassifier
-
-        return TextClassifier(), SentimentDataModule(batch_size=batch_size, seed=seed), ["classifier"]
-    from lightning_qlora.tasks.instruction import CausalLMInstructionModule, InstructionDataModule
-
-    module = CausalLMInstructionModule(num_samples_to_generate=0)
-    return module, InstructionDataModule(batch_size=batch_size, seed=seed), []
-
-
 @torch.no_grad()
 def pooled_features(module: Any, datamodule: Any) -> torch.Tensor:
     """The classifier's input (pooled encoder output) for every validation sentence, in eval mode."""
@@ -141,9 +174,9 @@ def pooled_features(module: Any, datamodule: Any) -> torch.Tensor:
 
 def reference_features(args: argparse.Namespace) -> torch.Tensor | None:
     """Pooled features of the unquantized fp32 base, to measure what each 4-bit format does to them."""
-    if args.task != "sentiment":
+    if not TASKS[args.task].pretrained:
         return None
-    module, datamodule, _ = build_task(args.task, 0, args.batch_size)
+    module, datamodule, _ = TASKS[args.task].build(0, args.batch_size)
     datamodule.setup()
     return pooled_features(module, datamodule)
 
@@ -164,7 +197,7 @@ def per_example_scores(module: Any, datamodule: Any, task: str) -> dict[str, lis
     correct: list[float] = []
     for batch in datamodule.val_dataloader():
         batch = {k: v.to(module.device) for k, v in batch.items()}
-        if task == "sentiment":
+        if TASKS[task].kind == "classification":
             logits = module(batch["input_ids"], batch["attention_mask"]).float()
             losses += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
             correct += (logits.argmax(-1) == batch["labels"]).float().tolist()
@@ -185,7 +218,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Train (or only validate) one configuration from a fresh seed; returns its curve and final metrics."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    module, datamodule, modules_to_save = build_task(args.task, seed, args.batch_size)
+    module, datamodule, modules_to_save = TASKS[args.task].build(seed, args.batch_size)
     plugins = []
     precision = None
     if spec.quant_type is not None:
@@ -343,6 +376,7 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
         mean, lo, hi = row[key]
         return f"{mean:+{spec}} [{lo:+{spec}}, {hi:+{spec}}]"
 
+    classification = TASKS[task].kind == "classification"
     table = []
     for r in rows:
         line: dict[str, Any] = {
@@ -350,7 +384,7 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
             "final val loss": with_std(r, "final_loss", ".4f"),
             "best val loss": with_std(r, "best_loss", ".4f"),
         }
-        if task == "sentiment":
+        if classification:
             line["acc"] = with_std(r, "final_acc", ".4f")
             line["F1"] = with_std(r, "final_f1", ".4f")
         else:
@@ -358,9 +392,9 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
         line["loss / LoRA"] = r.get("loss_vs_lora32")
         line["best loss / LoRA"] = r.get("best_loss_vs_lora32")
         line["Δ loss vs LoRA [95% CI]"] = interval(r, "loss_diff_vs_lora32", ".4f")
-        if task == "sentiment":
+        if classification:
             line["Δ acc vs LoRA [95% CI]"] = interval(r, "acc_diff_vs_lora32", ".3f")
-        if task == "sentiment":
+        if TASKS[task].pretrained:
             line["base feature err."] = r.get("feature_rel_error")
         table.append(line)
     formats = {
@@ -393,7 +427,7 @@ def plot_curves(runs: list[dict[str, Any]], keys: Sequence[str], path: Path, tas
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    second = "acc" if task == "sentiment" else "ppl"
+    second = "acc" if TASKS[task].kind == "classification" else "ppl"
     trained = [r for r in runs if r["spec"]["train"]]
     steps = sorted({int(p["step"]) for r in trained for p in r["curve"]}) or [0]
     reference = {r["seed"]: r for r in runs if r["config"] == REFERENCE}
@@ -451,15 +485,10 @@ def plot_curves(runs: list[dict[str, Any]], keys: Sequence[str], path: Path, tas
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="results folder"
-    )
+    parser = base_parser(__doc__, threads_default=None)
     parser.add_argument(
         "--task",
-        choices=("sentiment", "alpaca"),
+        choices=list(TASKS),
         default="sentiment",
         help="sentiment: pretrained MiniLM classifier (default); alpaca: tiny random Llama (pipeline check)",
     )
@@ -483,10 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dtype of the 4-bit matmuls: float32 (default, exact on any CPU), bfloat16, float16, auto",
     )
     parser.add_argument("--accelerator", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--replot", action="store_true", help="only redo table and figure from <out>/*.json")
     args = parser.parse_args(argv)
-    for key, value in TASK_DEFAULTS[args.task].items():
+    for key, value in TASKS[args.task].defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.compute_dtype in ("float32", "bfloat16", "float16"):
@@ -505,62 +533,79 @@ def plot_title(payload: dict[str, Any]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    name = NAME if args.task == "sentiment" else f"{NAME}_{args.task}"
-    if args.replot:  # redraw table and figure from the stored runs, without training again
-        payload = json.loads((args.out / f"{name}.json").read_text(encoding="utf-8"))
-        keys = [row["config"] for row in payload["summary"]]
-        payload["summary"] = summarize(payload["runs"], keys)
-        table = build_table(payload["summary"], payload["task"])
-        write_results(args.out, name, payload, table)
-        plot_curves(
-            payload["runs"], keys, args.out / f"{name}_curves.png", payload["task"], plot_title(payload)
-        )
-        print(table)
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def result_name(task: str) -> str:
+    """The results file stem: ``quality`` for the default task, ``quality_<task>`` for the others."""
+    return NAME if task == "sentiment" else f"{NAME}_{task}"
+
+
+def write_all(out: Path, name: str, payload: dict[str, Any], started: float) -> None:
+    """Table (``.md``), payload (``.json``) and curves (``_curves.png``), from the payload alone."""
+    keys = [row["config"] for row in payload["summary"]]
+    table = build_table(payload["summary"], payload["task"])
+    write_results(out, name, payload, table)
+    figure = out / f"{name}_curves.png"
+    plot_curves(payload["runs"], keys, figure, payload["task"], plot_title(payload))
+    report_written(out, name, table, time.perf_counter() - started, figure)
+
+
+def replot(args: argparse.Namespace) -> int:
+    """Redo summary, table and figure from the stored runs, without training again."""
+    started = time.perf_counter()
+    name = result_name(args.task)
+    payload = json.loads((args.out / f"{name}.json").read_text(encoding="utf-8"))
+    payload["summary"] = summarize(payload["runs"], [row["config"] for row in payload["summary"]])
+    write_all(args.out, name, payload, started)
+    return 0
+
+
+def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     for logger_name in ("lightning.pytorch", "lightning.fabric", "lightning_qlora"):
         logging.getLogger(logger_name).setLevel(logging.WARNING)
-    keys = [k for k in SPECS if k in args.configs]
+
+
+def run_all(args: argparse.Namespace, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Every configuration for every seed, in order; prints one line per run."""
     ref_features = reference_features(args)
     runs = []
     for seed in args.seeds:
         for key in keys:
             print(f"[quality] seed {seed}: {SPECS[key].label} ...", flush=True)
             result = run_one(SPECS[key], args, seed, ref_features)
-            final = result["final"]
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step")
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in result["final"].items() if k != "step")
             print(f"[quality]   step {result['steps']}: {shown}  ({result['wall_s']:.0f} s)", flush=True)
             runs.append(result)
-    rows = summarize(runs, keys)
-    table = build_table(rows, args.task)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.replot:
+        return replot(args)
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quiet_libraries()
+    keys = [k for k in SPECS if k in args.configs]
+    runs = run_all(args, keys)
     settings = {
         k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)
         for k, v in vars(args).items()
         if k not in ("out", "replot")
     }
-    model = (
-        "all-MiniLM-L6-v2 (pretrained) + linear head" if args.task == "sentiment" else "tiny Llama (random)"
-    )
     payload = {
-        "benchmark": name,
+        "benchmark": result_name(args.task),
         "what": "validation metrics of LoRA fine-tuning over 4-bit (NF4/FP4, ±DQ) and fp32 bases",
         "task": args.task,
-        "model": model,
+        "model": TASKS[args.task].model,
         "reference": REFERENCE,
         "settings": settings,
         "machine": machine_info(),
-        "summary": rows,
+        "summary": summarize(runs, keys),
         "runs": runs,
     }
-    write_results(args.out, name, payload, table)
-    plot_curves(runs, keys, args.out / f"{name}_curves.png", args.task, plot_title(payload))
-    print(table)
-    print(f"[quality] wrote {args.out / (name + '.json')}, .md and _curves.png", flush=True)
+    write_all(args.out, result_name(args.task), payload, started)
     return 0
 
 
