@@ -13,6 +13,7 @@ from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.quantization.convert import iter_linear_layers, require_linear_layers
 from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR
+from lightning_qlora.quantization.layers import logical_numel as quantized_numel
 
 
 class PatternMatchError(ValueError):
@@ -141,10 +142,7 @@ def summarize(model: nn.Module) -> AdapterSummary:
 
 def logical_numel(param: nn.Parameter) -> int:
     """A 4-bit weight's parameter count is that of the matrix it encodes, not of its packed bytes."""
-    state = getattr(param, "quant_state", None)
-    if getattr(param, "bnb_quantized", False) and state is not None and state.shape is not None:
-        return int(state.shape.numel())
-    return param.numel()
+    return quantized_numel(param)
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module | None:

@@ -27,7 +27,12 @@ from lightning_qlora._names import describe_names, logical_name
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.inject import adapter_layers, inject_adapters
 from lightning_qlora.lora.layer import LoRALinear
-from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR, dequantize_weight, is_linear4bit
+from lightning_qlora.quantization.layers import (
+    KEEP_FULL_PRECISION_ATTR,
+    dequantize_weight,
+    is_linear4bit,
+    is_quantized_weight,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -486,7 +491,7 @@ def _check_full_shapes(
     for key, value in full.items():
         target = _find_tensor(model, modules, key)
         assert target is not None
-        if getattr(target, "bnb_quantized", False):
+        if is_quantized_weight(target):
             problems.append(f"{key!r} is a 4-bit weight in the model; keep that module in full precision")
         elif target.shape != value.shape:
             problems.append(

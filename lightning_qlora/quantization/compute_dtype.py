@@ -16,11 +16,9 @@ from lightning_qlora.quantization.config import COMPUTE_DTYPES
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPUs on which bf16 matmuls are fast."""
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-    except ImportError:  # pragma: no cover - older bitsandbytes
-        return False
-    return bool(has_avx512bf16())
+    from lightning_qlora.quantization.backends.bitsandbytes import cpu_has_native_bf16 as probe
+
+    return probe()
 
 
 def resolve_compute_dtype(requested: str | torch.dtype, device: torch.device | str) -> torch.dtype:

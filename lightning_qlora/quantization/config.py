@@ -8,6 +8,8 @@ from typing import Literal
 
 import torch
 
+from lightning_qlora.quantization.backends import DEFAULT_BACKEND, check_backend_name
+
 QuantType = Literal["nf4", "fp4"]
 ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -47,6 +49,10 @@ class QuantizationConfig:
         default=DEFAULT_EXCLUDE,
         metadata={"help": "Module-name patterns (fnmatch or dotted suffix) kept in full precision."},
     )
+    backend: str = field(
+        default=DEFAULT_BACKEND,
+        metadata={"help": "4-bit storage backend: 'bitsandbytes', or a name given to register_backend."},
+    )
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
@@ -62,6 +68,7 @@ class QuantizationConfig:
             )
         if isinstance(self.compute_dtype, torch.dtype) and not self.compute_dtype.is_floating_point:
             raise ValueError(f"compute_dtype must be a floating dtype, got {self.compute_dtype}.")
+        check_backend_name(self.backend)
         object.__setattr__(self, "exclude", _as_patterns(self.exclude))
 
 

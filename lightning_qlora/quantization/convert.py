@@ -13,9 +13,9 @@ from lightning_qlora._names import logical_name, matches_any
 from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
-    Linear4bit,
     is_linear4bit,
     quantize_layer,
+    set_layer_compute_dtype,
     to_linear4bit,
 )
 
@@ -64,7 +64,7 @@ def replace_linear_layers(
     device: torch.device | str | None = None,
     quantize_now: bool = True,
 ) -> list[str]:
-    """Swap every selected `nn.Linear` for a `Linear4bit`, one layer at a time.
+    """Swap every selected `nn.Linear` for a 4-bit layer of `config.backend`, one layer at a time.
 
     With `quantize_now`, each layer is quantized right after its swap (on `device`, or where its weight
     is), so peak memory grows by one layer, never by a second copy of the model. Without it, the packed
@@ -92,9 +92,4 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     """Make every 4-bit layer dequantize straight into `dtype` and compute in it."""
     for module in model.modules():
         if is_linear4bit(module):
-            layer: Linear4bit = module
-            layer.compute_dtype = dtype
-            layer.compute_type_is_set = True
-            state = getattr(layer.weight, "quant_state", None)
-            if state is not None:
-                state.dtype = dtype
+            set_layer_compute_dtype(module, dtype)

@@ -24,7 +24,12 @@ from lightning_qlora.quantization.convert import (
     require_linear_layers,
     set_compute_dtype,
 )
-from lightning_qlora.quantization.layers import quantize_layer, set_full_precision_weight, to_linear4bit
+from lightning_qlora.quantization.layers import (
+    is_quantized,
+    quantize_layer,
+    set_full_precision_weight,
+    to_linear4bit,
+)
 
 StateSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, torch.Tensor]
 
@@ -83,7 +88,7 @@ def load_quantized(
             "Pass strict=False to skip them, or key_map= to rename source keys."
         )
     for shell in shells.values():
-        if getattr(shell.weight, "bnb_quantized", False) is False and shell.weight.device.type != "meta":
+        if not is_quantized(shell) and shell.weight.device.type != "meta":
             quantize_layer(shell, device)
     if compute_dtype is not None:
         set_compute_dtype(model, compute_dtype)

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lightning_qlora.quantization.layers import SOURCE_DTYPE_ATTR, Linear4bit, is_linear4bit, is_quantized
+from lightning_qlora.quantization.backends import backend_of
+from lightning_qlora.quantization.layers import SOURCE_DTYPE_ATTR
 
 
 @dataclass(frozen=True)
@@ -86,16 +87,16 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
     before = after = kept_bytes = 0
     seen: set[int] = set()
     for module in model.modules():
-        if is_linear4bit(module):
-            layer: Linear4bit = module
-            weight = layer.weight
+        backend = backend_of(module)
+        if backend is not None:
+            layer: nn.Linear = module  # type: ignore[assignment]
             n = layer.in_features * layer.out_features
             quantized_layers += 1
             quantized_params += n
             source = getattr(layer, SOURCE_DTYPE_ATTR, torch.float32)
             before += n * source.itemsize
-            after += _quantized_weight_bytes(layer) if is_quantized(layer) else _expected_bytes(weight, n)
-            seen.add(id(weight))
+            after += backend.storage_bytes(layer)
+            seen.add(id(layer.weight))
         elif isinstance(module, nn.Linear):
             kept_linear += 1
     for param in model.parameters():
@@ -113,27 +114,6 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
         quantized_bytes=after,
         kept_bytes=kept_bytes,
     )
-
-
-def _quantized_weight_bytes(layer: Linear4bit) -> int:
-    state = layer.weight.quant_state
-    total = layer.weight.data.numel() * layer.weight.data.element_size() + _nbytes(state.absmax)
-    if state.nested:
-        total += _nbytes(state.state2.absmax) + _nbytes(state.offset)
-    return total
-
-
-def _expected_bytes(weight: torch.Tensor, n: int) -> int:
-    """Storage a pending weight will take once packed: 4 bits plus its (double-)quantized absmax."""
-    blocksize = int(getattr(weight, "blocksize", 64))
-    blocks = -(-n // blocksize)
-    if getattr(weight, "compress_statistics", True):
-        return n // 2 + blocks + 4 * -(-blocks // 256) + 4
-    return n // 2 + 4 * blocks
-
-
-def _nbytes(tensor: torch.Tensor | None) -> int:
-    return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
 def _human(n: int) -> str:

@@ -1,0 +1,274 @@
+"""The bitsandbytes backend: NF4/FP4 with optional double quantization, and the only module that
+touches bitsandbytes' internals (`Params4bit`, `quant_state`, `bnb_quantized`, private helpers).
+
+Layers are `QLoRALinear4bit`, a `bitsandbytes.nn.Linear4bit` subclass: PEFT, transformers and
+`isinstance` checks see a Linear4bit, state dicts have Linear4bit's keys, CUDA runs bitsandbytes' own
+kernels. Two things are added. On CPU the forward runs `frozen_linear`, which dequantizes into a reused
+workspace (through the native kernel of `cpu_kernel` where it is available) and keeps nothing
+dequantized for backward. And the layer reads its own state dict back (bitsandbytes writes the
+quant-state keys but does not load them: its issue 1946).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from lightning_qlora._bnb import bitsandbytes
+from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.quantization.frozen_linear import frozen_linear
+
+bitsandbytes()  # a missing install fails here with a message that names the fix
+# ruff: noqa: E402 - the imports below come after that check
+from bitsandbytes.functional import QuantState, dequantize_4bit
+from bitsandbytes.nn import Linear4bit, Params4bit
+from bitsandbytes.nn.modules import (
+    _convert_weight_packed_for_cpu_inverse,
+    fix_4bit_weight_quant_state_from_module,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "bitsandbytes"
+
+
+class QLoRALinear4bit(Linear4bit):
+    """A `bitsandbytes.nn.Linear4bit` whose CPU forward and backward dequantize into a reused workspace.
+
+    On CUDA (or with a weight bitsandbytes repacked for CPU inference) it is Linear4bit's own forward.
+    On CPU the bias stays in its own dtype: Linear4bit casts it in place to the compute dtype on the
+    first forward, which would change a saved checkpoint's dtype behind the user's back.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = cast(Params4bit, self.weight)
+        if (
+            x.device.type != "cpu"
+            or not getattr(weight, "bnb_quantized", False)
+            or getattr(weight.quant_state, "packing_format_for_cpu", False)
+        ):
+            return cast(torch.Tensor, super().forward(x))
+        fix_4bit_weight_quant_state_from_module(self)
+        if not self.compute_type_is_set:
+            self.set_compute_type(x)
+            self.compute_type_is_set = True
+        dtype = self.compute_dtype if self.compute_dtype is not None else x.dtype
+        return frozen_linear(x, self, BACKEND.dequantize_into, dtype, self.bias)
+
+
+@functools.cache
+def cpu_kernel() -> ModuleType | None:
+    """The native CPU dequantization kernel module if it can be used here, else None (logged once)."""
+    try:
+        module = importlib.import_module("lightning_qlora.quantization.backends.cpu_kernel")
+    except ImportError as err:
+        log.info("lightning-qlora: no native CPU dequantization kernel (%s); using bitsandbytes'.", err)
+        return None
+    if not module.kernel_available():
+        return None
+    return module
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs on which bf16 matmuls are fast."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:  # pragma: no cover - older bitsandbytes
+        return False
+    return bool(has_avx512bf16())
+
+
+class BitsandbytesBackend:
+    """NF4/FP4 through bitsandbytes (CPU and CUDA)."""
+
+    name = NAME
+
+    def make_layer(
+        self, linear: nn.Linear, config: QuantizationConfig, compute_dtype: torch.dtype | None
+    ) -> nn.Linear:
+        weight = linear.weight
+        layer = QLoRALinear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant_type,
+            quant_storage=torch.uint8,
+            device="meta",
+        )
+        layer.weight = Params4bit(
+            weight.data,
+            requires_grad=False,
+            blocksize=config.blocksize,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant_type,
+            quant_storage=torch.uint8,
+            module=cast(Linear4bit, layer),
+        )
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        layer.train(linear.training)
+        # bitsandbytes repacks weights in place for AVX512-BF16 CPU inference (eval mode, no grad). That
+        # switches the storage format between training and validation steps, forces bf16, and fails for
+        # layers narrower than a block; one format throughout keeps state dicts, merges and numerics stable.
+        layer.support_avx512bf16_for_cpu = False
+        return layer
+
+    def set_full_precision_weight(self, layer: nn.Linear, weight: torch.Tensor) -> None:
+        current = _params(layer)
+        layer.weight = Params4bit(
+            weight.detach(),
+            requires_grad=False,
+            blocksize=current.blocksize,
+            compress_statistics=current.compress_statistics,
+            quant_type=current.quant_type,
+            quant_storage=torch.uint8,
+            module=cast(Linear4bit, layer),
+        )
+
+    def quantize(self, layer: nn.Linear, device: torch.device | None) -> None:
+        weight = _params(layer)
+        if getattr(weight, "bnb_quantized", False):
+            return
+        target = device if device is not None else weight.device
+        if target.type == "meta":
+            raise RuntimeError("Cannot quantize a weight on the meta device: load real weights first.")
+        layer.weight = weight._quantize(target)  # what Params4bit.to() runs, without a copy of the rest
+        bias = layer.bias
+        if bias is not None and bias.device not in (target, torch.device("meta")):
+            layer.bias = nn.Parameter(bias.data.to(target), requires_grad=False)
+
+    def is_4bit_layer(self, module: nn.Module) -> bool:
+        return isinstance(module, Linear4bit)
+
+    def is_quantized(self, layer: nn.Linear) -> bool:
+        return self.is_4bit_layer(layer) and bool(getattr(layer.weight, "bnb_quantized", False))
+
+    def logical_shape(self, tensor: torch.Tensor) -> torch.Size | None:
+        state = getattr(tensor, "quant_state", None)
+        if getattr(tensor, "bnb_quantized", False) and state is not None and state.shape is not None:
+            return torch.Size(state.shape)
+        return None
+
+    def dequantize(self, layer: nn.Linear, dtype: torch.dtype | None) -> torch.Tensor:
+        weight = _params(layer)
+        if not getattr(weight, "bnb_quantized", False):
+            return weight.data.to(dtype or weight.dtype, copy=True)
+        data, state = _unpacked_for_cpu(weight)
+        full = dequantize_4bit(data, state)
+        return full.to(dtype) if dtype is not None else full
+
+    def dequantize_into(self, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+        data, state = _unpacked_for_cpu(_params(layer))
+        kernel = cpu_kernel() if out.device.type == "cpu" else None
+        if kernel is None:
+            out.copy_(dequantize_4bit(data, state).view(out.shape))
+            return out
+        nested = state.state2 if state.nested else None
+        kernel.dequantize_4bit_into(
+            data,
+            state.code,
+            state.absmax,
+            state.blocksize,
+            out,
+            nested_code=nested.code if nested is not None else None,
+            nested_absmax=nested.absmax if nested is not None else None,
+            nested_blocksize=nested.blocksize if nested is not None else 256,
+            offset=float(state.offset) if nested is not None else 0.0,
+        )
+        return out
+
+    def set_compute_dtype(self, layer: nn.Linear, dtype: torch.dtype) -> None:
+        four_bit = cast(Linear4bit, layer)
+        four_bit.compute_dtype = dtype
+        four_bit.compute_type_is_set = True
+        state = getattr(layer.weight, "quant_state", None)
+        if state is not None:
+            state.dtype = dtype
+
+    def storage_bytes(self, layer: nn.Linear) -> int:
+        weight = _params(layer)
+        if not self.is_quantized(layer):
+            return _expected_bytes(weight, layer.in_features * layer.out_features)
+        state = _state(weight)
+        total = weight.data.numel() * weight.data.element_size() + _nbytes(state.absmax)
+        if state.nested:
+            total += _nbytes(state.state2.absmax) + _nbytes(state.offset)
+        return total
+
+    def state_dict_tensors(self, layer: nn.Linear) -> dict[str, torch.Tensor]:
+        weight = _params(layer)
+        tensors = {"weight": weight.data}
+        for key, value in _state(weight).as_dict(packed=True).items():
+            tensors["weight." + key] = value
+        return tensors
+
+    def load_from_state_dict(self, layer: nn.Linear, state_dict: Mapping[str, Any], prefix: str) -> None:
+        assert isinstance(state_dict, dict)
+        key = prefix + "weight"
+        if key not in state_dict:
+            return
+        stats_prefix = key + "."
+        stats = {
+            k[len(stats_prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(stats_prefix)
+        }
+        incoming = state_dict[key]
+        current = layer.weight
+        device = current.device if current.device.type != "meta" else incoming.device
+        if stats:
+            layer.weight = Params4bit.from_prequantized(
+                data=incoming,
+                quantized_stats=stats,
+                requires_grad=False,
+                device=device,
+                module=cast(Linear4bit, layer),
+            )
+        elif incoming.dim() == 2 and tuple(incoming.shape) == (layer.out_features, layer.in_features):
+            self.set_full_precision_weight(layer, incoming.to(device, copy=incoming.device == device))
+            self.quantize(layer, device)
+        else:
+            return  # let PyTorch report the shape mismatch
+        state_dict[key] = layer.weight.data
+
+
+BACKEND = BitsandbytesBackend()
+
+
+def _params(layer: nn.Linear) -> Params4bit:
+    return cast(Params4bit, layer.weight)
+
+
+def _state(weight: Params4bit) -> QuantState:
+    state = weight.quant_state
+    if state is None:
+        raise RuntimeError("This Linear4bit weight is not quantized yet (it has no quant_state).")
+    return state
+
+
+def _unpacked_for_cpu(weight: Params4bit) -> tuple[torch.Tensor, QuantState]:
+    """The packed codes and state in bitsandbytes' portable layout (undoing its AVX512 CPU repacking)."""
+    data, state = weight.data, _state(weight)
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    return data, state
+
+
+def _expected_bytes(weight: torch.Tensor, n: int) -> int:
+    """Storage a pending weight will take once packed: 4 bits plus its (double-)quantized absmax."""
+    blocksize = int(getattr(weight, "blocksize", 64))
+    blocks = -(-n // blocksize)
+    if getattr(weight, "compress_statistics", True):
+        return n // 2 + blocks + 4 * -(-blocks // 256) + 4
+    return n // 2 + 4 * blocks
+
+
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
