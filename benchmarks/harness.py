@@ -494,13 +494,19 @@ def library_warm_up(compute_dtype: Any) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def base_parser(doc: str | None, threads_default: int | None = 1) -> argparse.ArgumentParser:
-    """A parser with ``--out`` and ``--threads``; `doc` (the script's docstring) is its description."""
+def base_parser(
+    doc: str | None, threads_default: int | list[int] | None = 1, threads_nargs: str | None = None
+) -> argparse.ArgumentParser:
+    """A parser with ``--out`` and ``--threads``; `doc` (the script's docstring) is its description.
+
+    ``threads_nargs="+"`` makes ``--threads`` a list, for scripts that measure at several thread counts.
+    """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     parser.add_argument(
         "--threads",
         type=int,
+        nargs=threads_nargs,
         default=threads_default,
         help="torch.set_num_threads (0 or unset: torch's default); 1 by default for timings, because on a "
         "shared, oversubscribed machine every multi-threaded op waits for a descheduled thread",

@@ -6,7 +6,7 @@ cuts the overhead from 4.5 to about 4.127 bits per parameter at negligible extra
 both with the real bitsandbytes kernels, on seeded normal matrices and on the real all-MiniLM-L6-v2
 ``nn.Linear`` weights, and reports every error also as a ratio to NF4 + double quant (the QLoRA default).
 
-Run: ``python benchmarks/quantization_error.py [--out benchmarks/results] [--device cuda|cpu]``
+Run: ``python -m benchmarks.quantization_error [--out benchmarks/results] [--device cuda|cpu]``
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from typing import Any
 
 import torch
 
-try:  # run as ``python benchmarks/quantization_error.py`` (script dir on sys.path) or as a module
-    from _results import machine_info, markdown_table, write_results
-except ImportError:  # pragma: no cover - depends on how the script is launched
-    from benchmarks._results import machine_info, markdown_table, write_results
+from benchmarks.harness import base_parser, machine_info, markdown_table, report_written, write_results
 
 BLOCKSIZE = 64  # bitsandbytes' default for 4-bit weights, and QLoRA's
 NESTED_BLOCKSIZE = 256  # blocksize bitsandbytes uses to quantize the absmax values when double quantizing
@@ -272,12 +269,7 @@ def build_table(results: Iterable[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="results folder"
-    )
+    parser = base_parser(__doc__, threads_default=None)
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available"
     )
@@ -293,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda requested but CUDA is not available", file=sys.stderr)
@@ -351,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         f"quant ms: whole weight set, per tensor best of {args.repeats}.\n\n"
     )
     write_results(args.out, NAME, payload, header + table)
-    print(header + table, end="")
-    runtime = payload["runtime_s"]
-    print(f"\nwrote {args.out / (NAME + '.json')} and {args.out / (NAME + '.md')} ({runtime:.1f} s)")
+    report_written(args.out, NAME, header + table, payload["runtime_s"])
     return 0
 
 

@@ -15,7 +15,7 @@ Peak memory is the subprocess's own peak resident set (``VmHWM`` in ``/proc/self
 Linux carries the forking parent's peak over ``exec``. Every path also runs one forward pass afterwards,
 so the script checks that all paths built the same quantized model (logits compared bit for bit).
 
-Run: ``python benchmarks/quantize_load.py [--layers 24] [--repeats 2] [--out benchmarks/results]``
+Run: ``python -m benchmarks.quantize_load [--layers 24] [--repeats 2] [--out benchmarks/results]``
 """
 
 from __future__ import annotations
@@ -23,21 +23,37 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-try:  # run as ``python benchmarks/quantize_load.py`` (script dir on sys.path) or as a module
-    from _results import machine_info, markdown_table, write_results
-except ImportError:  # pragma: no cover - depends on how the script is launched
-    from benchmarks._results import machine_info, markdown_table, write_results
+from benchmarks.harness import (
+    MIB,
+    AnonPeakSampler,
+    add_worker_options,
+    base_parser,
+    build_on_meta,
+    check_input_ids,
+    describe_exception,
+    interleaved,
+    library_warm_up,
+    llama_config_kwargs,
+    machine_info,
+    markdown_table,
+    mib,
+    model_folder,
+    proc_status_kib,
+    report_written,
+    reset_peak_rss,
+    run_worker,
+    save_random_model,
+    set_threads,
+    torch_dtype,
+    write_results,
+    write_worker_result,
+)
 
 NAME = "quantize_load"
 PATHS = ("full_then_convert", "load_quantized", "transformers_bnb")
@@ -48,199 +64,6 @@ PATH_LABELS = {
     "transformers_bnb": "transformers from_pretrained + BitsAndBytesConfig",
 }
 DTYPES = ("float32", "bfloat16", "float16")
-CHECK_TOKENS = 16  # tokens of the forward pass that checks the loaded models agree
-MIB = 2**20
-
-
-# --------------------------------------------------------------------------------------------------------
-# Helpers shared with train_memory_speed.py: per-process peak memory, the model, subprocess workers.
-# --------------------------------------------------------------------------------------------------------
-
-
-def proc_status_kib(field: str) -> int | None:
-    """One ``kB`` field of ``/proc/self/status`` (VmRSS, VmHWM, ...), or None where there is no procfs."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current RSS, so the peak measured next is only what follows.
-
-    Without the reset the peak would include whatever the imports touched; ``ru_maxrss`` is no substitute
-    since Linux carries the forking parent's peak over ``exec``.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class AnonPeakSampler:
-    """Sample ``RssAnon`` (and ``RssFile``) from a thread every `interval` seconds; keep the highest values.
-
-    VmHWM counts the pages of a memory-mapped checkpoint that have been read as resident. The kernel can
-    drop those clean file pages under pressure, so the anonymous peak tells how much memory a loader
-    really needs. Sampling can miss a spike shorter than the interval; treat it as a lower bound.
-    """
-
-    def __init__(self, interval: float = 0.002) -> None:
-        import threading
-
-        self.interval = interval
-        self.peak_anon_kib = 0
-        self.peak_file_kib = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def sample(self) -> None:
-        anon, file = proc_status_kib("RssAnon"), proc_status_kib("RssFile")
-        self.peak_anon_kib = max(self.peak_anon_kib, anon or 0)
-        self.peak_file_kib = max(self.peak_file_kib, file or 0)
-
-    def __enter__(self) -> AnonPeakSampler:
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-
-def mib(kib: int | None) -> float | None:
-    return None if kib is None else kib / 1024
-
-
-def llama_config_kwargs(
-    hidden: int, layers: int, intermediate: int, vocab: int, heads: int | None = None
-) -> dict[str, Any]:
-    """A Llama-style config (MHA, SwiGLU MLP, untied LM head); heads default to hidden / 64."""
-    return {
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads or max(1, hidden // 64),
-        "num_key_value_heads": heads or max(1, hidden // 64),
-        "intermediate_size": intermediate,
-        "vocab_size": vocab,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
-    }
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, name)
-
-
-def save_random_model(
-    config_kwargs: Mapping[str, Any], dtype: str, seed: int, folder: Path
-) -> dict[str, Any]:
-    """Build the model with seeded random weights and ``save_pretrained`` it as safetensors.
-
-    Also returns the full-precision logits of a fixed input, so the loaded 4-bit models can be checked
-    against the model they came from.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(**config_kwargs)
-    model = LlamaForCausalLM(config).to(torch_dtype(dtype)).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        logits = model(check_input_ids(config.vocab_size)).logits.float()
-    torch.save(logits, folder / "reference_logits.pt")
-    files = sorted(folder.glob("*.safetensors"))
-    return {"params": params, "file_bytes": sum(f.stat().st_size for f in files), "files": len(files)}
-
-
-def check_input_ids(vocab: int) -> Any:
-    import torch
-
-    generator = torch.Generator().manual_seed(1234)
-    return torch.randint(0, vocab, (1, CHECK_TOKENS), generator=generator)
-
-
-def build_on_meta(config: Any) -> Any:
-    """The model without weights; the rotary table (a non-persistent buffer, not in the checkpoint) is
-    computed on the CPU, since nothing would load it into a meta-device model."""
-    import torch
-    from transformers import LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
-    return model
-
-
-def library_warm_up(compute_dtype: Any) -> None:
-    """Quantize and run one tiny layer, so one-time library set-up (bitsandbytes' op registration, lazy
-    torch imports) is neither timed nor counted as loading memory in any path."""
-    import torch
-    from torch import nn
-
-    from lightning_qlora.quantization import QuantizationConfig, replace_linear_layers
-
-    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
-    replace_linear_layers(model, QuantizationConfig(exclude=()), compute_dtype=compute_dtype)
-    with torch.no_grad():
-        model(torch.randn(2, 256))
-
-
-def run_worker(
-    script: Path, worker_args: Sequence[str], timeout: float, extra_env: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Run ``script --worker ...`` in a fresh interpreter; return the JSON it wrote, or the failure."""
-    with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
-        result_path = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(script), *worker_args, "--result", str(result_path)]
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            **(extra_env or {}),
-        }
-        started = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-        wall = time.perf_counter() - started
-        if result_path.exists():
-            result = json.loads(result_path.read_text())
-            result["process_wall_s"] = wall
-            return result
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
-        return {"ok": False, "error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
-
-
-def write_worker_result(path: Path, result: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(result, default=str))
-
-
-def describe_exception(err: BaseException) -> str:
-    """The exception's type and message, plus where it was raised (for a refusal worth quoting)."""
-    frames = traceback.extract_tb(err.__traceback__)
-    where = f" (raised in {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    return f"{type(err).__name__}: {err}{where}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -292,8 +115,7 @@ def worker_main(args: argparse.Namespace) -> int:
     result_path = Path(args.result)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.worker == "save":
         config_kwargs = json.loads(args.config_json)
         info = save_random_model(config_kwargs, args.dtype, args.seed, Path(args.model_dir))
@@ -528,12 +350,7 @@ def build_tables(rows: list[dict[str, Any]], saved: Mapping[str, Any], dtype: st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="results folder"
-    )
+    parser = base_parser(__doc__)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--intermediate", type=int, default=2816)
@@ -551,21 +368,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all paths (interleaved)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads per worker (0: torch's default). 1 by default: on a shared, oversubscribed "
-        "machine every multi-threaded op waits for a descheduled thread, which makes timings erratic",
-    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the saved model here")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per worker")
-    # internal: run one path in this process
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--config-json", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    add_worker_options(parser)
+    args = parser.parse_args(argv)
+    args.load_dtype = args.load_dtype or args.dtype
+    return args
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    """The options every worker of this run gets."""
+    return [
+        "--dtype", args.dtype, "--load-dtype", args.load_dtype, "--compute-dtype", args.compute_dtype,
+        "--threads", str(args.threads), "--seed", str(args.seed),
+    ]  # fmt: skip
+
+
+def ensure_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """Save the random checkpoint once (in a worker, so its memory is gone after); its file size."""
+    if not (model_dir / "reference_logits.pt").exists():
+        config_kwargs = llama_config_kwargs(args.hidden, args.layers, args.intermediate, args.vocab)
+        print(f"saving a random {args.layers}-layer model to {model_dir} ...", flush=True)
+        cmd = ["--worker", "save", "--model-dir", str(model_dir), "--config-json", json.dumps(config_kwargs)]
+        saved = run_worker(__spec__.name, [*cmd, *worker_args(args)], args.timeout)
+        if not saved.get("ok"):
+            raise RuntimeError(f"saving the model failed: {saved.get('error')}")
+    files = sorted(model_dir.glob("*.safetensors"))
+    return {"file_bytes": sum(f.stat().st_size for f in files), "files": len(files)}
+
+
+def run_paths(args: argparse.Namespace, model_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every path `--repeats` times, interleaved, each in a fresh worker; a refusing path is not retried."""
+    runs: dict[str, list[dict[str, Any]]] = {path: [] for path in args.paths}
+    refused: set[str] = set()
+    for round_index, path in interleaved(args.paths, args.repeats):
+        if path in refused:
+            continue
+        cmd = ["--worker", path, "--model-dir", str(model_dir), *worker_args(args)]
+        result = run_worker(__spec__.name, cmd, args.timeout)
+        runs[path].append(result)
+        brief = (
+            f"{result['total_s']:.1f} s, peak {result['peak_rss_mib']:.0f} MiB"
+            if result.get("ok")
+            else f"failed: {result.get('error')}"
+        )
+        print(f"round {round_index + 1} {path}: {brief}", flush=True)
+        if not result.get("ok"):
+            refused.add(path)
+    return runs
+
+
+def describe(args: argparse.Namespace, params: int, saved: Mapping[str, Any], info: Mapping[str, Any]) -> str:
+    """The Markdown header: what was measured, on what, and how to read the columns."""
+    return (
+        f"# Loading a {params / 1e6:.0f} M-parameter Llama-style model into NF4 + double quantization\n\n"
+        f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}; "
+        f"{args.dtype} safetensors checkpoint ({saved['file_bytes'] / MIB:.0f} MiB) loaded as "
+        f"{args.load_dtype}, compute dtype "
+        f"{args.compute_dtype}; torch {info['torch']}, bitsandbytes {info['bitsandbytes']}, transformers "
+        f"{info['transformers']}, {info['cpu_count']} CPU cores, {args.threads or 'default'} torch "
+        f"thread(s). Each path in its own process; time best of {args.repeats}, peak RSS (VmHWM, reset after "
+        "imports) highest of them. Ratios are to the full-precision path. 'same 4-bit weights' / 'same "
+        "logits': packed codes and absmax constants / logits of a 16-token forward are bit-identical to the "
+        "full-precision-then-convert model's. 'anon. peak growth': highest anonymous (not file-backed) "
+        "resident memory, sampled every 2 ms, minus its value at the reset; the difference to 'peak growth' "
+        "is pages of the memory-mapped checkpoint, which the kernel can drop. 'of which file': file-backed "
+        "part of the RSS after loading (the checkpoint still mapped).\n\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -574,79 +444,23 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args)
     if not Path("/proc/self/clear_refs").exists():
         print("note: no /proc/self/clear_refs; peak RSS includes the imports", file=sys.stderr)
-    script = Path(__file__).resolve()
-    config_kwargs = llama_config_kwargs(args.hidden, args.layers, args.intermediate, args.vocab)
-    args.load_dtype = args.load_dtype or args.dtype
-    common = [
-        "--dtype", args.dtype, "--load-dtype", args.load_dtype, "--compute-dtype", args.compute_dtype,
-        "--threads", str(args.threads),
-    ]  # fmt: skip
     started = time.perf_counter()
-    tmp_root = None
-    if args.model_dir is None:
-        tmp_root = Path(tempfile.mkdtemp(prefix="qlora-quantize-load-"))
-        model_dir = tmp_root / "model"
-    else:
-        model_dir = args.model_dir
-    try:
-        if not (model_dir / "reference_logits.pt").exists():
-            model_dir.mkdir(parents=True, exist_ok=True)
-            print(f"saving a random {args.layers}-layer model to {model_dir} ...", flush=True)
-            saved = run_worker(
-                script,
-                [
-                    "--worker",
-                    "save",
-                    "--model-dir",
-                    str(model_dir),
-                    "--seed",
-                    str(args.seed),
-                    "--config-json",
-                    json.dumps(config_kwargs),
-                    *common,
-                ],
-                args.timeout,
-            )
-            if not saved.get("ok"):
-                print(f"saving the model failed: {saved.get('error')}", file=sys.stderr)
-                return 1
-        files = sorted(model_dir.glob("*.safetensors"))
-        saved_info = {"file_bytes": sum(f.stat().st_size for f in files), "files": len(files)}
-
-        runs: dict[str, list[dict[str, Any]]] = {path: [] for path in args.paths}
-        refused: set[str] = set()  # a path that refuses to load will not change its mind on a repeat
-        for round_index in range(args.repeats):
-            order = args.paths if round_index % 2 == 0 else list(reversed(args.paths))
-            for path in (p for p in order if p not in refused):
-                result = run_worker(
-                    script, ["--worker", path, "--model-dir", str(model_dir), *common], args.timeout
-                )
-                runs[path].append(result)
-                brief = (
-                    f"{result['total_s']:.1f} s, peak {result['peak_rss_mib']:.0f} MiB"
-                    if result.get("ok")
-                    else f"failed: {result.get('error')}"
-                )
-                print(f"round {round_index + 1} {path}: {brief}", flush=True)
-                if not result.get("ok"):
-                    refused.add(path)
-    finally:
-        if tmp_root is not None:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-
+    with model_folder(args.model_dir, "qlora-quantize-load-") as model_dir:
+        saved = ensure_model(args, model_dir)
+        runs = run_paths(args, model_dir)
     rows = aggregate(runs)
     params = next(
         (r["report"]["quantized_params"] + r["report"]["kept_params"] for r in rows if "report" in r), 0
     )
-    info = machine_info()
-    info["device"] = "cpu"
+    info = {**machine_info(), "device": "cpu"}
+    config_kwargs = llama_config_kwargs(args.hidden, args.layers, args.intermediate, args.vocab)
     payload = {
         "benchmark": NAME,
         "description": "Loading a Llama-style causal LM into 4-bit NF4 + DQ three ways; ratios to "
         "full_then_convert.",
         "config": {
             "model": {"type": "LlamaForCausalLM", **config_kwargs, "params": params},
-            "checkpoint": {"dtype": args.dtype, **saved_info},
+            "checkpoint": {"dtype": args.dtype, **saved},
             "load_dtype": args.load_dtype,
             "quantization": {"quant_type": "nf4", "blocksize": 64, "double_quant": True},
             "compute_dtype": args.compute_dtype,
@@ -663,27 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "runtime_s": time.perf_counter() - started,
     }
-    header = (
-        f"# Loading a {params / 1e6:.0f} M-parameter Llama-style model into NF4 + double quantization\n\n"
-        f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}; "
-        f"{args.dtype} safetensors checkpoint ({saved_info['file_bytes'] / MIB:.0f} MiB) loaded as "
-        f"{args.load_dtype}, compute dtype "
-        f"{args.compute_dtype}; torch {info['torch']}, bitsandbytes {info['bitsandbytes']}, transformers "
-        f"{info['transformers']}, {info['cpu_count']} CPU cores, {args.threads or 'default'} torch "
-        f"thread(s). Each path in its own process; time best of {args.repeats}, peak RSS (VmHWM, reset after "
-        "imports) highest of them. Ratios are to the full-precision path. 'same 4-bit weights' / 'same "
-        "logits': packed codes and absmax constants / logits of a 16-token forward are bit-identical to the "
-        "full-precision-then-convert model's. 'anon. peak growth': highest anonymous (not file-backed) "
-        "resident memory, sampled every 2 ms, minus its value at the reset; the difference to 'peak growth' "
-        "is pages of the memory-mapped checkpoint, which the kernel can drop. 'of which file': file-backed "
-        "part of the RSS after loading (the checkpoint still mapped).\n\n"
-    )
-    table = build_tables(rows, saved_info, args.dtype)
-    write_results(args.out, args.name, payload, header + table)
-    print(header + table, end="")
-    runtime = payload["runtime_s"]
-    stem = args.out / args.name
-    print(f"\nwrote {stem}.json and {stem}.md ({runtime:.0f} s)")
+    table = describe(args, params, saved, info) + build_tables(rows, saved, args.dtype)
+    write_results(args.out, args.name, payload, table)
+    report_written(args.out, args.name, table, payload["runtime_s"])
     return 0
 
 

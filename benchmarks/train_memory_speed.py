@@ -1,29 +1,29 @@
-"""Training memory and speed: full fine-tuning, 32-bit LoRA, QLoRA with this package, QLoRA with PEFT.
+"""Training memory and speed, like for like: QLoRA against 32-bit LoRA, transformers + PEFT QLoRA, full FT.
 
-Why: QLoRA exists to cut training memory. Fewer parameter bytes are not enough: the process's peak must
-drop too (activations, gradients, optimizer state, dequantization temporaries and loading all count), and
-the package should be no slower than the reference stack (transformers + PEFT + bitsandbytes). This
-script trains the same randomly initialised Llama-style causal LM (saved once as safetensors) for a few
-steps in four configurations, each in a fresh subprocess, with batch 1 x 256 random tokens and activation
-checkpointing on every decoder layer:
+Why: QLoRA exists to cut training memory without costing speed. The comparison only means something when
+every configuration does the same work, so every one trains in train mode, with activation checkpointing
+on every decoder layer and (where there are adapters) LoRA dropout on; the worker checks it (every module
+in training mode, each decoder layer's forward run twice per step: once, and again in backward) and
+refuses to report a run that does not. The same randomly initialised Llama-style causal LM (saved once as
+safetensors) trains with batch 1 x 256 random tokens in each configuration, each in a fresh process:
 
-- ``full``: full fine-tuning, torch AdamW (Lightning Trainer, ``QLoRAStrategy(optimizer=adamw)``, no LoRA);
 - ``lora``: LoRA on the full-precision base (32-bit on CPU, bf16 on CUDA) with the package's ``LoRA``
   callback and ``QLoRAStrategy`` (the reference for every ratio);
-- ``qlora``: the package: ``load_quantized`` (meta model, NF4 + double quant while streaming), then a
-  Lightning Trainer with ``QLoRAPrecision``, ``LoRA`` and ``QLoRAStrategy`` (paged AdamW, activation
-  checkpointing of ``LlamaDecoderLayer``);
+- ``qlora``: the package: ``load_quantized`` (NF4 + double quant while streaming), then a Lightning Trainer
+  with ``QLoRAPrecision``, ``LoRA`` and ``QLoRAStrategy`` (paged AdamW, checkpointing ``LlamaDecoderLayer``);
 - ``peft_qlora``: ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant))``,
   ``prepare_model_for_kbit_training``, activation checkpointing, ``get_peft_model(LoraConfig(
-  target_modules="all-linear", r=64, lora_alpha=16, lora_dropout=0.1))``, ``bitsandbytes.optim.PagedAdamW``
-  and a plain PyTorch loop doing the same steps (clip grad norm 0.3, as the strategy does).
+  target_modules="all-linear"))``, ``bitsandbytes.optim.PagedAdamW`` and a plain loop doing the same steps;
+- ``full``: full fine-tuning, torch AdamW (Lightning Trainer, ``QLoRAStrategy(optimizer=adamw)``).
 
 LoRA settings (r=64, alpha=16, dropout 0.1, every linear layer but ``lm_head``), optimizer (lr 2e-4) and
-clipping are the same everywhere; both 4-bit runs use the same compute dtype (``--compute-dtype``).
-Memory is the subprocess's peak resident set (``VmHWM``, reset after the imports and again when training
-starts) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+clipping (0.3) are the same everywhere. Memory on CPU: the worker's peak resident set (``VmHWM``, reset
+after the imports and again when training starts) and, sampled every 10 ms, its anonymous (``RssAnon``)
+and file-backed (``RssFile``, pages of the memory-mapped checkpoint) parts; on CUDA
+``torch.cuda.max_memory_allocated``. Configurations run interleaved (every other round reversed), for
+each ``--threads`` setting.
 
-Run: ``python benchmarks/train_memory_speed.py [--model-size 0.5b] [--steps 3] [--out benchmarks/results]``
+Run: ``python -m benchmarks.train_memory_speed [--model-size 0.5b] [--threads 1 2] [--repeats 2]``
 (``--model-size tiny`` for a smoke run of a few seconds per configuration).
 """
 
@@ -32,50 +32,42 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-try:  # run as ``python benchmarks/train_memory_speed.py`` (script dir on sys.path) or as a module
-    from _results import machine_info, markdown_table, write_results
-    from quantize_load import (
-        AnonPeakSampler,
-        build_on_meta,
-        describe_exception,
-        library_warm_up,
-        llama_config_kwargs,
-        mib,
-        proc_status_kib,
-        reset_peak_rss,
-        run_worker,
-        save_random_model,
-        torch_dtype,
-        write_worker_result,
-    )
-except ImportError:  # pragma: no cover - depends on how the script is launched
-    from benchmarks._results import machine_info, markdown_table, write_results
-    from benchmarks.quantize_load import (
-        AnonPeakSampler,
-        build_on_meta,
-        describe_exception,
-        library_warm_up,
-        llama_config_kwargs,
-        mib,
-        proc_status_kib,
-        reset_peak_rss,
-        run_worker,
-        save_random_model,
-        torch_dtype,
-        write_worker_result,
-    )
+from benchmarks.harness import (
+    LLAMA_SIZES,
+    MIB,
+    ProcessMeter,
+    add_worker_options,
+    base_parser,
+    build_on_meta,
+    describe_exception,
+    interleaved,
+    library_warm_up,
+    llama_param_count,
+    llama_size,
+    machine_info,
+    markdown_table,
+    mib,
+    model_folder,
+    proc_status_kib,
+    ratios_to,
+    report_written,
+    run_worker,
+    save_random_model,
+    set_threads,
+    torch_dtype,
+    write_results,
+    write_worker_result,
+)
 
 NAME = "train_memory_speed"
-CONFIGS = ("full", "lora", "qlora", "peft_qlora")
+CONFIGS = ("qlora", "lora", "peft_qlora", "full")
 REFERENCE = "lora"
 CONFIG_LABELS = {
     "full": "full fine-tuning (AdamW)",
@@ -83,108 +75,79 @@ CONFIG_LABELS = {
     "qlora": "QLoRA (this package)",
     "peft_qlora": "QLoRA (transformers + PEFT + bnb)",
 }
-# name: (hidden, layers, intermediate, vocab)
-MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (128, 2, 352, 1000),
-    "small": (512, 8, 1408, 32000),
-    "0.5b": (1024, 24, 4096, 32000),
-}
 LORA = {"r": 64, "alpha": 16.0, "dropout": 0.1}
 LR = 2e-4
 MAX_GRAD_NORM = 0.3
-MIB = 2**20
-
 
 # --------------------------------------------------------------------------------------------------------
 # Worker: one configuration in this process.
 # --------------------------------------------------------------------------------------------------------
 
 
-class Meter:
-    """Per-step wall and CPU time, and the memory peaks before and during training.
+class LikeForLike:
+    """Check that a configuration trains as every other does: train mode, checkpointing, dropout.
 
-    `start_training` is called once the model is loaded and set up, right before the first step: it
-    records the peak so far (loading and setup) and resets it, so the training peak is measured alone.
+    Counts the calls of each decoder layer's first norm: with activation checkpointing it runs twice a
+    step (forward, and the recomputation in backward) whichever way checkpointing was applied.
     """
 
-    def __init__(self, device: Any, warmup: int, total: int, profile_path: Path | None) -> None:
-        self.device = device
-        self.warmup = warmup
-        self.total = total
+    def __init__(self, model: Any) -> None:
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        self.model = model
+        self.layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+        self.calls = 0
+        self.per_step: list[float] = []
+        for layer in self.layers:
+            layer.input_layernorm.register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+    def step_done(self) -> None:
+        self.per_step.append(self.calls / max(1, len(self.layers)))
+        self.calls = 0
+
+    def state(self) -> dict[str, Any]:
+        """Training mode and active dropout now (call during training)."""
+        from torch import nn
+
+        dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        return {
+            "all_modules_training": all(m.training for m in self.model.modules()),
+            "active_dropout_modules": sum(m.training for m in dropouts),
+            "dropout_modules": len(dropouts),
+        }
+
+    def verify(self, expect_dropout: bool) -> dict[str, Any]:
+        """The check's figures; raises if the run was not like for like."""
+        found = {**self.state(), "decoder_forwards_per_step": self.per_step}
+        problems = []
+        if not found["all_modules_training"]:
+            problems.append("some modules were in eval mode")
+        if any(n != 2 for n in self.per_step):
+            problems.append(f"decoder layers ran {self.per_step} times a step, not 2 (checkpointing off?)")
+        if expect_dropout and found["active_dropout_modules"] == 0:
+            problems.append("no active dropout")
+        if problems:
+            raise RuntimeError("not like for like: " + "; ".join(problems))
+        return found
+
+
+class StepMeter:
+    """Per-step wall and CPU time, losses, and the memory peaks of setup and of training apart."""
+
+    def __init__(self, device: Any, warmup: int, total: int, process: ProcessMeter) -> None:
+        self.device, self.warmup, self.total, self.process = device, warmup, total, process
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.losses: list[float] = []
-        # Growth from step to step would mean a leak or allocator fragmentation.
         self.rss_after_step_mib: list[float | None] = []
         self.anon_after_step_mib: list[float | None] = []
-        self.setup_peak_mib: float | None = None
-        self.train_peak_mib: float | None = None
-        self.profile_path = profile_path
-        self.sampler: AnonPeakSampler | None = None
-        self.anon_peak_mib: float | None = None
-        self._profiler: Any = None
-        self._t0 = 0.0
-        self._c0 = 0.0
+        self.setup: dict[str, float | None] = {}
+        self.training: dict[str, float | None] = {}
         self.step = 0
-
-    def peak_mib(self) -> float | None:
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / MIB
-        return mib(proc_status_kib("VmHWM"))
-
-    def reset_peak(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            reset_peak_rss()
-
-    def start_training(self) -> None:
-        self.setup_peak_mib = self.peak_mib()
-        gc.collect()
-        self.reset_peak()
-
-    def before_step(self) -> None:
-        # The profiled step comes after the measured ones: the profiler's own memory must not count.
-        if self.profile_path is not None and self.step == self.total:
-            from torch.profiler import ProfilerActivity, profile
-
-            activities = [ProfilerActivity.CPU] + (
-                [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
-            )
-            self._profiler = profile(activities=activities, record_shapes=True)
-            self._profiler.__enter__()
-        self._sync()
-        self._t0 = time.perf_counter()
-        self._c0 = time.process_time()
-
-    def after_step(self, loss: float) -> None:
-        self._sync()
-        wall = time.perf_counter() - self._t0
-        cpu = time.process_time() - self._c0
-        if self._profiler is not None:
-            self._profiler.__exit__(None, None, None)
-            table = self._profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-            assert self.profile_path is not None
-            self.profile_path.write_text(table)
-            self._profiler = None
-        self.step += 1
-        if self.step > self.total:
-            return
-        self.losses.append(loss)
-        self.rss_after_step_mib.append(mib(proc_status_kib("VmRSS")))
-        self.anon_after_step_mib.append(mib(proc_status_kib("RssAnon")))
-        if self.step > self.warmup:
-            self.wall.append(wall)
-            self.cpu.append(cpu)
-        if self.step == self.total:
-            self.train_peak_mib = self.peak_mib()
-            if self.sampler is not None:  # read now: a profiled step may follow, and must not count
-                self.sampler.sample()
-                self.anon_peak_mib = mib(self.sampler.peak_anon_kib)
+        self._t0 = self._c0 = 0.0
 
     def _sync(self) -> None:
         import torch
@@ -192,12 +155,63 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _peaks(self) -> dict[str, float | None]:
+        import torch
 
-def base_param_count(config: Mapping[str, Any]) -> int:
-    """Parameters of the model before adapters (MHA, untied head): what every configuration starts from."""
-    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
-    return config["num_hidden_layers"] * per_layer + 2 * vocab * hidden + hidden
+        peaks = self.process.read()
+        if self.device.type == "cuda":
+            peaks["peak_rss_mib"] = torch.cuda.max_memory_allocated(self.device) / MIB
+        return peaks
+
+    def start_training(self) -> None:
+        """Called once the model is set up: keeps the peaks so far and starts new ones for training."""
+        import torch
+
+        self.setup = self._peaks()
+        gc.collect()
+        self.process.start()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def before_step(self) -> None:
+        self._sync()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def after_step(self, loss: float) -> None:
+        self._sync()
+        wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
+        self.step += 1
+        self.losses.append(loss)
+        self.rss_after_step_mib.append(mib(proc_status_kib("VmRSS")))
+        self.anon_after_step_mib.append(mib(proc_status_kib("RssAnon")))
+        if self.step > self.warmup:
+            self.wall.append(wall)
+            self.cpu.append(cpu)
+        if self.step == self.total:
+            self.training = self._peaks()
+
+    def result(self) -> dict[str, Any]:
+        def peak(key: str) -> float | None:
+            values = [v for v in (self.setup.get(key), self.training.get(key)) if v is not None]
+            return max(values) if values else None
+
+        return {
+            "baseline_mib": self.setup.get("base_rss_mib"),
+            "setup_peak_mib": self.setup.get("peak_rss_mib"),
+            "train_peak_mib": self.training.get("peak_rss_mib"),
+            "peak_mib": peak("peak_rss_mib"),
+            "peak_anon_sampled_mib": peak("peak_anon_mib"),
+            "train_peak_anon_mib": self.training.get("peak_anon_mib"),
+            "peak_file_sampled_mib": peak("peak_file_mib"),
+            "train_peak_file_mib": self.training.get("peak_file_mib"),
+            "step_s": self.wall,
+            "step_cpu_s": self.cpu,
+            "s_per_step": statistics.median(self.wall or [float("nan")]),
+            "cpu_s_per_step": statistics.median(self.cpu or [float("nan")]),
+            "losses": self.losses,
+            "rss_after_step_mib": self.rss_after_step_mib,
+            "anon_after_step_mib": self.anon_after_step_mib,
+        }
 
 
 def token_batches(vocab: int, steps: int, seq_len: int, seed: int) -> Any:
@@ -211,117 +225,107 @@ def token_batches(vocab: int, steps: int, seq_len: int, seed: int) -> Any:
 def param_summary(model: Any) -> dict[str, Any]:
     """Parameter bytes (4-bit weights at their packed size, quant constants included) and counts."""
     from lightning_qlora import quantization_report
-    from lightning_qlora.lora.inject import logical_numel
 
     report = quantization_report(model)
-    seen: set[int] = set()
-    trainable = trainable_bytes = total = 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += logical_numel(param)
-        if param.requires_grad:
-            trainable += param.numel()
-            trainable_bytes += param.numel() * param.element_size()
+    unique = {id(p): p for p in model.parameters()}.values()
+    trainable = [p for p in unique if p.requires_grad]
     return {
         "param_bytes": report.total_bytes,
         "quantized_layers": report.quantized_layers,
         "bits_per_quantized_param": report.bits_per_quantized_param if report.quantized_layers else None,
-        "trainable_params": trainable,
-        "gradient_bytes": trainable_bytes,  # one gradient per trainable parameter, same dtype
-        "total_params": total,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "gradient_bytes": sum(p.numel() * p.element_size() for p in trainable),
+        "total_params": report.quantized_params + report.kept_params,
     }
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:
     import torch
 
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
+    values = (v for state in optimizer.state.values() for v in state.values())
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
 
-def run_lightning(
-    config_name: str,
-    model_dir: Path,
-    args: argparse.Namespace,
-    device: Any,
-    data: Any,
-    meter: Meter,
-    summary: dict[str, Any],
-) -> None:
-    """full / lora / qlora: one LightningModule, the package's strategy; only plugins and callbacks differ."""
-    import lightning.pytorch as pl
+def load_model(config_name: str, model_dir: Path, device: Any, compute_dtype: Any) -> Any:
+    """The base model, in train mode: quantized while loading for ``qlora``, full precision otherwise."""
     import torch
-    from lightning.pytorch.callbacks import Callback
-    from torch.utils.data import DataLoader
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_qlora import LoRA, OptimizerConfig, QLoRAPrecision, QLoRAStrategy, load_quantized
+    from lightning_qlora import load_quantized
     from lightning_qlora.quantization import QuantizationConfig
 
-    compute_dtype = torch_dtype(args.compute_dtype)
     base_dtype = torch.float32 if device.type == "cpu" else compute_dtype
     if config_name == "qlora":
-        qconfig = QuantizationConfig(compute_dtype=compute_dtype)
         model = build_on_meta(LlamaConfig.from_pretrained(model_dir))
+        qconfig = QuantizationConfig(compute_dtype=compute_dtype)
         load_quantized(
             model, model_dir, qconfig, device=device, compute_dtype=compute_dtype, dtype=base_dtype
         )
     else:
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=base_dtype)
+    # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, dropout and
+    # activation checkpointing (training forwards only) would be off.
+    return model.train()
+
+
+def run_lightning(config_name: str, model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]) -> None:
+    """full / lora / qlora: one LightningModule, the package's strategy; only plugins and callbacks differ."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_qlora import LoRA, OptimizerConfig, QLoRAPrecision, QLoRAStrategy
+
+    device, meter, summary = ctx["device"], ctx["meter"], ctx["summary"]
+    compute_dtype = torch_dtype(args.compute_dtype)
+    model = load_model(config_name, model_dir, device, compute_dtype)
 
     class CausalLM(pl.LightningModule):
         def __init__(self, model: Any) -> None:
             super().__init__()
             self.model = model
-            # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, dropout
-            # and the strategy's activation checkpointing (training forwards only) would be off.
-            self.model.train()
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             return self.model(input_ids=batch, labels=batch).loss
 
     class MeterCallback(Callback):
-        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
             summary.update(param_summary(pl_module.model))
+            ctx["probe"] = LikeForLike(pl_module.model)
             meter.start_training()
 
-        def on_train_batch_start(
-            self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int
-        ) -> None:
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
             meter.before_step()
 
         def on_train_batch_end(
-            self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+            self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
         ) -> None:
             meter.after_step(float(outputs["loss"]))
+            ctx["probe"].step_done()
             if meter.step == meter.total:
                 summary["optimizer_state_bytes"] = optimizer_state_bytes(trainer.optimizers[0])
+                summary["like_for_like"] = ctx["probe"].verify(expect_dropout=config_name != "full")
 
     callbacks: list[Callback] = [MeterCallback()]
     plugins: list[Any] = []
-    optimizer = OptimizerConfig(name="adamw" if config_name == "full" else "paged_adamw", lr=LR)
     if config_name in ("lora", "qlora"):
         callbacks.insert(0, LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"]))
     if config_name == "qlora":
         plugins.append(QLoRAPrecision(compute_dtype=compute_dtype, log_report=False))
+    optimizer = OptimizerConfig(name="adamw" if config_name == "full" else "paged_adamw", lr=LR)
     strategy = QLoRAStrategy(
         optimizer=optimizer, max_grad_norm=MAX_GRAD_NORM, activation_checkpointing=LlamaDecoderLayer
     )
+    full_precision = "32-true" if device.type == "cpu" else "bf16-true"
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         strategy=strategy,
         plugins=plugins or None,
-        precision=None if plugins else ("32-true" if base_dtype == torch.float32 else "bf16-true"),
+        precision=None if plugins else full_precision,
         callbacks=callbacks,
-        max_steps=len(data),
+        max_steps=len(ctx["data"]),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -329,36 +333,27 @@ def run_lightning(
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    loader = DataLoader(data, batch_size=1, shuffle=False)
-    trainer.fit(CausalLM(model), loader)
+    trainer.fit(CausalLM(model), DataLoader(ctx["data"], batch_size=1, shuffle=False))
 
 
-def run_peft(
-    model_dir: Path, args: argparse.Namespace, device: Any, data: Any, meter: Meter, summary: dict[str, Any]
-) -> None:
-    """The reference stack: transformers loads in 4 bit, PEFT adapts, a plain loop trains."""
-    import bitsandbytes as bnb
+def peft_model(model_dir: Path, device: Any, compute_dtype: Any) -> Any:
+    """transformers loads in 4 bit, PEFT prepares, checkpoints and adapts: the reference stack's model."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    compute_dtype = torch_dtype(args.compute_dtype)
-    base_dtype = torch.float32 if device.type == "cpu" else compute_dtype
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+    base_dtype = torch.float32 if device.type == "cpu" else compute_dtype
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
     model = LlamaForCausalLM.from_pretrained(
         model_dir, quantization_config=bnb_config, dtype=base_dtype, device_map=device_map
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias); both default to
-    # non-reentrant torch.utils.checkpoint on every decoder layer, as the package's strategy does.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
     lora_config = LoraConfig(
         target_modules="all-linear",
         r=LORA["r"],
@@ -366,13 +361,22 @@ def run_peft(
         lora_dropout=LORA["dropout"],
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora_config)
-    model.train()
+    return get_peft_model(model, lora_config).train()
+
+
+def run_peft(model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]) -> None:
+    """The reference stack: transformers + PEFT, bitsandbytes' PagedAdamW, a plain PyTorch loop."""
+    import bitsandbytes as bnb
+    import torch
+
+    device, meter, summary = ctx["device"], ctx["meter"], ctx["summary"]
+    model = peft_model(model_dir, device, torch_dtype(args.compute_dtype))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     summary.update(param_summary(model))
+    probe = LikeForLike(model)
     meter.start_training()
-    for batch in data:
+    for batch in ctx["data"]:
         batch = batch.unsqueeze(0).to(device)
         meter.before_step()
         loss = model(input_ids=batch, labels=batch).loss
@@ -381,27 +385,31 @@ def run_peft(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         meter.after_step(float(loss.detach()))
+        probe.step_done()
     summary["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+    summary["like_for_like"] = probe.verify(expect_dropout=True)
 
 
-def worker_main(args: argparse.Namespace) -> int:
-    result_path = Path(args.result)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.worker == "save":
-        info = save_random_model(json.loads(args.config_json), "float32", args.seed, Path(args.model_dir))
-        write_worker_result(result_path, {"ok": True, **info})
-        return 0
-
-    # The same imports in every configuration, so each starts from the same resident baseline.
+def import_everything() -> None:
+    """The same imports in every configuration, so each starts from the same resident baseline."""
     import bitsandbytes  # noqa: F401
     import lightning.pytorch  # noqa: F401
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
     import lightning_qlora  # noqa: F401
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Measure one configuration; write a JSON result (or the reason it failed) to ``args.result``."""
+    import torch
+
+    set_threads(args.threads[0])
+    if args.worker == "save":
+        info = save_random_model(json.loads(args.config_json), "float32", args.seed, Path(args.model_dir))
+        write_worker_result(args.result, {"ok": True, **info})
+        return 0
+    import_everything()
     from lightning_qlora._memory import release_freed_memory
 
     device = torch.device(args.device)
@@ -410,294 +418,204 @@ def worker_main(args: argparse.Namespace) -> int:
     release_freed_memory()
     model_dir = Path(args.model_dir)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    total_steps = args.warmup + args.steps
-    data = token_batches(vocab, total_steps + (1 if args.profile_dir else 0), args.seq_len, args.seed)
+    total = args.warmup + args.steps
     torch.manual_seed(args.seed)
-    profile_path = Path(args.profile_dir) / f"{args.worker}.txt" if args.profile_dir else None
-    meter = Meter(device, args.warmup, total_steps, profile_path)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base_mib = torch.cuda.memory_allocated(device) / MIB
-    else:
-        reset_peak_rss()
-        base_mib = mib(proc_status_kib("VmRSS"))
-    base_anon_mib = mib(proc_status_kib("RssAnon"))
-    summary: dict[str, Any] = {}
     started = time.perf_counter()
     try:
-        with AnonPeakSampler(interval=0.01) as sampler:
-            meter.sampler = sampler
+        with ProcessMeter(interval=0.01) as process:
+            meter = StepMeter(device, args.warmup, total, process)
+            ctx = {
+                "device": device,
+                "meter": meter,
+                "summary": {},
+                "data": token_batches(vocab, total, args.seq_len, args.seed),
+            }
             if args.worker == "peft_qlora":
-                run_peft(model_dir, args, device, data, meter, summary)
+                run_peft(model_dir, args, ctx)
             else:
-                run_lightning(args.worker, model_dir, args, device, data, meter, summary)
+                run_lightning(args.worker, model_dir, args, ctx)
     except Exception as err:
-        write_worker_result(result_path, {"ok": False, "error": describe_exception(err)})
+        write_worker_result(args.result, {"ok": False, "error": describe_exception(err)})
         return 0
-    wall = meter.wall or [float("nan")]
-    cpu = meter.cpu or [float("nan")]
     result = {
         "ok": True,
         "config": args.worker,
+        "threads": args.threads[0],
         "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process VmHWM",
-        "baseline_mib": base_mib,
-        "baseline_anon_mib": base_anon_mib,
-        "peak_anon_sampled_mib": meter.anon_peak_mib if device.type == "cpu" else None,
-        "setup_peak_mib": meter.setup_peak_mib,
-        "train_peak_mib": meter.train_peak_mib,
-        "peak_mib": max(x for x in (meter.setup_peak_mib, meter.train_peak_mib) if x is not None),
-        "step_s": wall,
-        "step_cpu_s": cpu,
-        "s_per_step": statistics.median(wall),
-        "cpu_s_per_step": statistics.median(cpu),
-        "losses": meter.losses,
-        "rss_after_step_mib": meter.rss_after_step_mib,
-        "anon_after_step_mib": meter.anon_after_step_mib,
+        **meter.result(),
         "worker_s": time.perf_counter() - started,
-        **summary,
+        **ctx["summary"],
     }
-    write_worker_result(result_path, result)
+    write_worker_result(args.result, result)
     return 0
 
 
 # --------------------------------------------------------------------------------------------------------
-# Parent: save once, run the configurations, aggregate, write tables and the plot.
+# Parent: save once, run the configurations interleaved, aggregate, write tables and the plot.
 # --------------------------------------------------------------------------------------------------------
+
+PEAK_KEYS = ("peak_mib", "train_peak_mib", "peak_anon_sampled_mib", "train_peak_anon_mib")
+RATIO_KEYS = (
+    *PEAK_KEYS,
+    "peak_file_sampled_mib",
+    "param_mib",
+    "s_per_step",
+    "cpu_s_per_step",
+    "tokens_per_s",
+)
+
+
+def aggregate_one(name: str, ok: Sequence[Mapping[str, Any]], tokens_per_step: int) -> dict[str, Any]:
+    """One configuration at one thread count: fastest median step over repeats, highest peaks."""
+    best = min(ok, key=lambda r: r["s_per_step"])
+
+    def highest(key: str) -> float | None:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        return max(values) if values else None
+
+    return {
+        "config": name,
+        "threads": best.get("threads"),
+        "label": CONFIG_LABELS[name],
+        "repeats": len(ok),
+        "baseline_mib": highest("baseline_mib"),
+        "setup_peak_mib": highest("setup_peak_mib"),
+        **{key: highest(key) for key in (*PEAK_KEYS, "peak_file_sampled_mib", "train_peak_file_mib")},
+        "param_mib": best["param_bytes"] / MIB,
+        "optimizer_state_mib": best.get("optimizer_state_bytes", 0) / MIB,
+        "gradient_mib": best.get("gradient_bytes", 0) / MIB,
+        "trainable_params": best["trainable_params"],
+        "total_params": best["total_params"],
+        "bits_per_quantized_param": best.get("bits_per_quantized_param"),
+        "s_per_step": best["s_per_step"],
+        "cpu_s_per_step": best["cpu_s_per_step"],
+        "s_per_step_all": [r["s_per_step"] for r in ok],
+        "tokens_per_s": tokens_per_step / best["s_per_step"],
+        "first_loss": best["losses"][0],
+        "last_loss": best["losses"][-1],
+        "like_for_like": best.get("like_for_like"),
+    }
 
 
 def aggregate(runs: Mapping[str, list[dict[str, Any]]], tokens_per_step: int) -> list[dict[str, Any]]:
-    """Per configuration: fastest median step over repeats, highest peaks; ratios to LoRA."""
+    """Rows per (configuration, threads), with ratios to LoRA at the same thread count."""
     rows: list[dict[str, Any]] = []
-    for name, results in runs.items():
+    for key, results in runs.items():
+        name, _, threads = key.partition("@")
         ok = [r for r in results if r.get("ok")]
         if not ok:
-            rows.append(
-                {"config": name, "error": results[0].get("error", "failed") if results else "not run"}
-            )
+            error = results[0].get("error", "failed") if results else "not run"
+            rows.append({"config": name, "threads": int(threads or 0), "error": error})
             continue
-        best = min(ok, key=lambda r: r["s_per_step"])
-        row: dict[str, Any] = {
-            "config": name,
-            "label": CONFIG_LABELS[name],
-            "repeats": len(ok),
-            "baseline_mib": max(r["baseline_mib"] for r in ok),
-            "setup_peak_mib": max(r["setup_peak_mib"] for r in ok),
-            "train_peak_mib": max(r["train_peak_mib"] for r in ok),
-            "peak_mib": max(r["peak_mib"] for r in ok),
-            "peak_anon_sampled_mib": max((r.get("peak_anon_sampled_mib") or 0) for r in ok) or None,
-            "param_mib": best["param_bytes"] / MIB,
-            "optimizer_state_mib": best.get("optimizer_state_bytes", 0) / MIB,
-            "gradient_mib": best.get("gradient_bytes", 0) / MIB,
-            "trainable_params": best["trainable_params"],
-            "total_params": best["total_params"],
-            "bits_per_quantized_param": best.get("bits_per_quantized_param"),
-            "s_per_step": best["s_per_step"],
-            "cpu_s_per_step": best["cpu_s_per_step"],
-            "s_per_step_all": [r["s_per_step"] for r in ok],
-            "tokens_per_s": tokens_per_step / best["s_per_step"],
-            "first_loss": best["losses"][0],
-            "last_loss": best["losses"][-1],
-        }
-        rows.append(row)
-    reference = next((r for r in rows if r["config"] == REFERENCE and "error" not in r), None)
-    if reference is not None:
-        for row in rows:
-            if "error" in row:
-                continue
-            for key in (
-                "peak_mib",
-                "train_peak_mib",
-                "peak_anon_sampled_mib",
-                "param_mib",
-                "s_per_step",
-                "cpu_s_per_step",
-                "tokens_per_s",
-            ):
-                if row.get(key) is not None and reference.get(key):
-                    row[f"{key}_vs_lora"] = row[key] / reference[key]
+        rows.append(aggregate_one(name, ok, tokens_per_step))
+    for threads in sorted({r["threads"] for r in rows}, key=str):
+        ratios_to([r for r in rows if r["threads"] == threads], "config", REFERENCE, RATIO_KEYS, "_vs_lora")
     return rows
 
 
+MEMORY_COLUMNS = {
+    "config": "configuration",
+    "threads": "threads",
+    "peak_mib": "peak RSS MiB",
+    "peak_mib_vs_lora": "peak / LoRA",
+    "train_peak_mib": "training peak RSS MiB",
+    "peak_anon_sampled_mib": "anon. peak MiB",
+    "peak_anon_sampled_mib_vs_lora": "anon. peak / LoRA",
+    "peak_file_sampled_mib": "file-backed peak MiB",
+    "setup_peak_mib": "load+setup peak MiB",
+    "param_mib": "param MiB",
+    "optimizer_state_mib": "optimizer state MiB",
+}
+SPEED_COLUMNS = {
+    "config": "configuration",
+    "threads": "threads",
+    "s_per_step": "s / step",
+    "s_per_step_vs_lora": "s / step / LoRA",
+    "cpu_s_per_step": "CPU s / step",
+    "cpu_s_per_step_vs_lora": "CPU s / step / LoRA",
+    "s_per_step_all": "s / step, each repeat",
+    "first_loss": "loss step 1",
+    "last_loss": "loss last step",
+}
+
+
 def build_tables(rows: list[dict[str, Any]], device: str) -> str:
-    mem_unit = "GPU MiB" if device == "cuda" else "RSS MiB"
-    memory_cols = {
-        "config": "configuration",
-        "peak_mib": f"peak {mem_unit}",
-        "peak_mib_vs_lora": "peak / LoRA",
-        "train_peak_mib": f"training peak {mem_unit}",
-        "setup_peak_mib": f"load+setup peak {mem_unit}",
-        "peak_anon_sampled_mib": "anon. peak MiB",
-        "peak_anon_sampled_mib_vs_lora": "anon. peak / LoRA",
-        "param_mib": "param MiB",
-        "param_mib_vs_lora": "param / LoRA",
-        "optimizer_state_mib": "optimizer state MiB",
-        "trainable_params": "trainable params",
-    }
-    if device == "cuda":  # no file-backed pages on a GPU
-        memory_cols = {k: v for k, v in memory_cols.items() if not k.startswith("peak_anon")}
-    speed_cols = {
-        "config": "configuration",
-        "s_per_step": "s / step",
-        "s_per_step_vs_lora": "s / step / LoRA",
-        "tokens_per_s": "tokens / s",
-        "tokens_per_s_vs_lora": "tokens / s / LoRA",
-        "cpu_s_per_step": "CPU s / step",
-        "cpu_s_per_step_vs_lora": "CPU s / step / LoRA",
-        "first_loss": "loss step 1",
-        "last_loss": "loss last step",
-    }
-    formats = {
-        f"peak {mem_unit}": ".0f",
-        f"training peak {mem_unit}": ".0f",
-        f"load+setup peak {mem_unit}": ".0f",
-        "param MiB": ".1f",
-        "anon. peak MiB": ".0f",
-        "anon. peak / LoRA": ".2f",
-        "optimizer state MiB": ".1f",
-        "peak / LoRA": ".2f",
-        "training peak / LoRA": ".2f",
-        "param / LoRA": ".3f",
-        "s / step": ".2f",
-        "s / step / LoRA": ".2f",
-        "tokens / s": ".1f",
-        "tokens / s / LoRA": ".2f",
-        "CPU s / step": ".2f",
-        "CPU s / step / LoRA": ".2f",
-        "loss step 1": ".4f",
-        "loss last step": ".4f",
-    }
+    """A memory table and a speed table, one row per (configuration, threads)."""
+    formats = {label: ".0f" for label in MEMORY_COLUMNS.values() if label.endswith("MiB")}
+    formats.update(
+        {label: ".2f" for label in (*MEMORY_COLUMNS.values(), *SPEED_COLUMNS.values()) if "/" in label}
+    )
+    formats.update({"s / step": ".2f", "CPU s / step": ".2f", "loss step 1": ".4f", "loss last step": ".4f"})
+    memory = dict(MEMORY_COLUMNS)
+    if device == "cuda":  # no anonymous or file-backed pages on a GPU
+        memory = {
+            k: v.replace("RSS", "GPU") for k, v in memory.items() if "anon" not in k and "file" not in k
+        }
 
     def render(columns: Mapping[str, str]) -> str:
         table_rows = []
-        for row in rows:
+        for row in sorted(rows, key=lambda r: (r["threads"], CONFIGS.index(r["config"]))):
             if "error" in row:
                 table_rows.append(
-                    {"configuration": row["config"], list(columns.values())[1]: f"failed: {row['error']}"}
+                    {"configuration": row["config"], "threads": row["threads"], "s / step": None}
                 )
-            else:
-                table_rows.append({label: row.get(key) for key, label in columns.items()})
+                table_rows[-1][list(columns.values())[2]] = f"failed: {row['error']}"
+                continue
+            line = {label: row.get(key) for key, label in columns.items()}
+            if "s / step, each repeat" in line:
+                line["s / step, each repeat"] = ", ".join(f"{v:.2f}" for v in row["s_per_step_all"])
+            table_rows.append(line)
         return markdown_table(table_rows, list(columns.values()), formats)
 
-    return render(memory_cols) + "\n" + render(speed_cols)
+    return render(memory) + "\n" + render(SPEED_COLUMNS)
 
 
-def plot_memory(rows: Sequence[Mapping[str, Any]], path: Path, title: str, device: str) -> None:
-    """One stacked bar per configuration: what its peak memory is made of, total and ratio to LoRA on top.
-
-    Parameters, gradients and optimizer state are counted from the tensors; the rest of the peak is
-    activations, temporaries (dequantized weights) and freed memory the allocator kept.
-    """
+def plot_memory(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """One bar pair per configuration (one thread): peak RSS split into anonymous and file-backed parts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if "error" not in r and r["threads"] == min(x["threads"] for x in rows)]
     if not ok:
         return
-    labels = [CONFIG_LABELS[r["config"]].replace(" (", "\n(") for r in ok]
-    baseline_label = "runtime after imports" if device == "cpu" else "allocated before loading"
-    parts: list[tuple[str, str]] = [
-        ("baseline", "#b0b0b0"),
-        ("parameters (4-bit weights at packed size)", "#4c72b0"),
-        ("gradients", "#dd8452"),
-        ("optimizer state", "#55a868"),
-        ("activations, temporaries, allocator-held free memory", "#f2b6b6"),
-    ]
-    fig, ax = plt.subplots(figsize=(10, 5.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     for j, row in enumerate(ok):
-        baseline = row["baseline_mib"] or 0.0
-        known = [baseline, row["param_mib"], row["gradient_mib"], row["optimizer_state_mib"]]
-        values = [*known, max(0.0, row["peak_mib"] - sum(known))]
-        bottom = 0.0
-        for (name, color), value in zip(parts, values, strict=True):
-            label = (baseline_label if name == "baseline" else name) if j == 0 else None
-            ax.bar(j, value / 1024, 0.6, bottom=bottom / 1024, color=color, label=label, edgecolor="white")
-            bottom += value
-        anon = row.get("peak_anon_sampled_mib")
-        if anon:
-            label = "anonymous-memory peak (sampled; leaves out pages of the mapped checkpoint)"
-            label = label if j == 0 else None
-            ax.hlines(
-                anon / 1024, j - 0.36, j + 0.36, colors="black", linestyles="--", linewidth=1.3, label=label
-            )
+        peak, anon = row["peak_mib"] / 1024, (row.get("peak_anon_sampled_mib") or 0) / 1024
+        ax.bar(j, peak, 0.6, color="#c9d6ea", label="peak RSS (VmHWM)" if j == 0 else None)
+        ax.bar(j, anon, 0.35, color="#4c72b0", label="anonymous peak (sampled)" if j == 0 else None)
         ratio = row.get("peak_mib_vs_lora")
-        note = f"{row['peak_mib'] / 1024:.2f} GiB" + (f"\n{ratio:.2f}x LoRA" if ratio is not None else "")
+        note = f"{peak:.2f} GiB" + (f"\n{ratio:.2f}x LoRA" if ratio is not None else "")
         ax.annotate(
-            note,
-            (j, row["peak_mib"] / 1024),
-            ha="center",
-            va="bottom",
-            fontsize=9,
-            xytext=(0, 3),
-            textcoords="offset points",
+            note, (j, peak), ha="center", va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points"
         )
-    ax.set_xticks(range(len(ok)), labels, fontsize=9)
-    unit = "peak GPU memory allocated" if device == "cuda" else "peak resident memory of the process (VmHWM)"
-    ax.set_ylabel(f"GiB, {unit}")
+    ax.set_xticks(range(len(ok)), [CONFIG_LABELS[r["config"]].replace(" (", "\n(") for r in ok], fontsize=9)
+    ax.set_ylabel("GiB")
     ax.set_title(title, fontsize=10)
-    handles, names = ax.get_legend_handles_labels()
-    ax.legend(handles[::-1], names[::-1], frameon=False, fontsize=8.5, loc="upper right")
+    ax.legend(frameon=False, fontsize=9)
     ax.spines[["top", "right"]].set_visible(False)
     ax.margins(y=0.15)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="results folder"
-    )
+    parser = base_parser(__doc__, threads_default=[1, 2], threads_nargs="+")  # every config at each count
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--model-size", choices=list(MODEL_SIZES), default="0.5b")
+    parser.add_argument("--model-size", choices=list(LLAMA_SIZES), default="0.5b")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup steps)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument(
-        "--compute-dtype",
-        default=None,
-        help="4-bit compute dtype (and the LoRA base dtype on CUDA); "
-        "default float32 on CPU, bfloat16 on CUDA",
-    )
+    parser.add_argument("--compute-dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    parser.add_argument(
-        "--repeats", type=int, default=1, help="rounds over the configurations (alternating order)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads per worker on CPU (0: torch's default). 1 by default: on a shared, "
-        "oversubscribed machine every multi-threaded op waits for a descheduled thread",
-    )
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over the configurations (interleaved)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--profile-dir",
-        type=Path,
-        default=None,
-        help="write a torch.profiler table of one extra step after the measured ones",
-    )
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the saved model here")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: <out>/train_memory.png)")
     parser.add_argument("--name", default=NAME, help="results file name (without extension)")
-    parser.add_argument(
-        "--malloc-mmap-threshold",
-        type=int,
-        default=None,
-        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the workers: blocks at least this big are "
-        "returned to the OS when freed, so the peak shows live memory rather than freed memory glibc kept "
-        "(slower; a diagnostic, not a recommendation)",
-    )
-    # internal: run one configuration in this process
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--config-json", default=None, help=argparse.SUPPRESS)
+    add_worker_options(parser)
     args = parser.parse_args(argv)
     if args.device is None:
         import torch
@@ -708,90 +626,98 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def worker_args(args: argparse.Namespace, threads: int) -> list[str]:
+    return [
+        "--device", args.device, "--compute-dtype", args.compute_dtype, "--threads", str(threads),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
+        "--seed", str(args.seed),
+    ]  # fmt: skip
+
+
+def ensure_model(args: argparse.Namespace, model_dir: Path) -> None:
+    """Save the random model once, in a worker (so its memory is gone before anything is measured)."""
+    if (model_dir / "config.json").exists():
+        return
+    print(f"saving a random {args.model_size} model to {model_dir} ...", flush=True)
+    cmd = [
+        "--worker",
+        "save",
+        "--model-dir",
+        str(model_dir),
+        "--config-json",
+        json.dumps(llama_size(args.model_size)),
+    ]
+    saved = run_worker(__spec__.name, [*cmd, *worker_args(args, 0)], args.timeout)
+    if not saved.get("ok"):
+        raise RuntimeError(f"saving the model failed: {saved.get('error')}")
+
+
+def run_all(args: argparse.Namespace, model_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every configuration at every thread count, `--repeats` interleaved rounds; a failure is not retried."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for threads in args.threads:
+        for round_index, name in interleaved(args.configs, args.repeats):
+            key = f"{name}@{threads}"
+            if any(not r.get("ok") for r in runs.get(key, [])):
+                continue
+            cmd = ["--worker", name, "--model-dir", str(model_dir), *worker_args(args, threads)]
+            result = run_worker(__spec__.name, cmd, args.timeout)
+            runs.setdefault(key, []).append(result)
+            brief = (
+                f"{result['s_per_step']:.2f} s/step, peak {result['peak_mib']:.0f} MiB, anon. "
+                f"{result['peak_anon_sampled_mib']:.0f}, file {result['peak_file_sampled_mib']:.0f}"
+                if result.get("ok")
+                else f"failed: {result.get('error')}"
+            )
+            print(f"{threads} thread(s), round {round_index + 1}, {name}: {brief}", flush=True)
+    return runs
+
+
+def describe(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
+    """The Markdown header: the model, the settings, and how to read the columns."""
+    config = llama_size(args.model_size)
+    params = llama_param_count(config)
+    where = info.get("cuda_device") if args.device.startswith("cuda") else f"{info['cpu_count']} CPU cores"
+    return (
+        f"# Training memory and speed, {params / 1e6:.0f} M-parameter Llama-style model\n\n"
+        f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, intermediate "
+        f"{config['intermediate_size']}, vocab {config['vocab_size']}; batch 1 x {args.seq_len} tokens. "
+        "Every configuration in train mode with activation checkpointing on every decoder layer (checked: "
+        "each layer ran twice a step) and LoRA dropout 0.1 active; LoRA r=64, alpha=16 on every linear "
+        f"layer but lm_head; 4-bit runs NF4 + double quant, compute dtype {args.compute_dtype}. "
+        f"Device `{args.device}`, {where}, torch {info['torch']}, bitsandbytes {info['bitsandbytes']}, "
+        f"transformers {info['transformers']}, peft {info['peft']}, lightning {info['lightning']}; load "
+        f"average at the end {info.get('loadavg')}. {args.warmup} warm-up + {args.steps} timed steps, "
+        f"median step, best of {args.repeats} interleaved repeats; ratios are to LoRA at the same thread "
+        "count. Peak RSS: the worker's VmHWM from after its imports (loading included); anon. / file-backed "
+        "peak: RssAnon / RssFile sampled every 10 ms (the file-backed part is pages of the memory-mapped "
+        "checkpoint, which the kernel can drop). CPU s / step: process CPU time.\n\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         return worker_main(args)
-    script = Path(__file__).resolve()
-    hidden, layers, intermediate, vocab = MODEL_SIZES[args.model_size]
-    config_kwargs = llama_config_kwargs(hidden, layers, intermediate, vocab)
-    common = [
-        "--device", args.device, "--compute-dtype", args.compute_dtype, "--threads", str(args.threads),
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
-        "--seed", str(args.seed),
-    ]  # fmt: skip
-    if args.profile_dir is not None:
-        args.profile_dir.mkdir(parents=True, exist_ok=True)
-        common += ["--profile-dir", str(args.profile_dir)]
     started = time.perf_counter()
-    tmp_root = None
-    if args.model_dir is None:
-        tmp_root = Path(tempfile.mkdtemp(prefix="qlora-train-bench-"))
-        model_dir = tmp_root / "model"
-    else:
-        model_dir = args.model_dir
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.configs}
-    extra_env = (
-        {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else None
-    )
-    try:
-        if not (model_dir / "config.json").exists():
-            model_dir.mkdir(parents=True, exist_ok=True)
-            print(f"saving a random {args.model_size} model to {model_dir} ...", flush=True)
-            saved = run_worker(
-                script,
-                ["--worker", "save", "--model-dir", str(model_dir),
-                 "--config-json", json.dumps(config_kwargs), *common],
-                args.timeout,
-            )  # fmt: skip
-            if not saved.get("ok"):
-                print(f"saving the model failed: {saved.get('error')}", file=sys.stderr)
-                return 1
-        failed: set[str] = set()
-        for round_index in range(args.repeats):
-            order = args.configs if round_index % 2 == 0 else list(reversed(args.configs))
-            for name in (n for n in order if n not in failed):
-                result = run_worker(
-                    script,
-                    ["--worker", name, "--model-dir", str(model_dir), *common],
-                    args.timeout,
-                    extra_env,
-                )
-                runs[name].append(result)
-                if result.get("ok"):
-                    brief = (
-                        f"{result['s_per_step']:.2f} s/step, peak {result['peak_mib']:.0f} MiB "
-                        f"(training {result['train_peak_mib']:.0f}), loss {result['losses'][0]:.3f} -> "
-                        f"{result['losses'][-1]:.3f}"
-                    )
-                else:
-                    brief = f"failed: {result.get('error')}"
-                    failed.add(name)
-                print(f"round {round_index + 1} {name}: {brief}", flush=True)
-    finally:
-        if tmp_root is not None:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-
-    tokens_per_step = args.seq_len  # batch 1
-    rows = aggregate(runs, tokens_per_step)
-    params = base_param_count(config_kwargs)
-    info = machine_info()
-    info["device"] = args.device
+    with model_folder(args.model_dir, "qlora-train-bench-") as model_dir:
+        ensure_model(args, model_dir)
+        runs = run_all(args, model_dir)
+    rows = aggregate(runs, args.seq_len)
+    info = {**machine_info(), "device": args.device}
+    config = llama_size(args.model_size)
     payload = {
         "benchmark": NAME,
-        "description": "Training peak memory and step time of full FT, LoRA, QLoRA (package), QLoRA (PEFT); "
-        "ratios to LoRA.",
+        "description": "Training peak memory and step time, like for like; ratios to LoRA.",
         "config": {
-            "model": {"type": "LlamaForCausalLM", "size": args.model_size, **config_kwargs, "params": params},
+            "model": {"type": "LlamaForCausalLM", "size": args.model_size, **config},
+            "params": llama_param_count(config),
+            **{
+                k: getattr(args, k)
+                for k in ("seq_len", "warmup", "steps", "repeats", "compute_dtype", "seed")
+            },
             "batch": 1,
-            "seq_len": args.seq_len,
-            "warmup_steps": args.warmup,
-            "timed_steps": args.steps,
-            "repeats": args.repeats,
-            "compute_dtype": args.compute_dtype,
             "threads": args.threads,
-            "malloc_mmap_threshold": args.malloc_mmap_threshold,
-            "seed": args.seed,
             "lora": {**LORA, "targets": "every linear layer but lm_head"},
             "optimizer": {
                 "lr": LR,
@@ -799,61 +725,22 @@ def main(argv: list[str] | None = None) -> int:
                 "others": "bitsandbytes PagedAdamW (32-bit state)",
             },
             "max_grad_norm": MAX_GRAD_NORM,
-            "activation_checkpointing": "every LlamaDecoderLayer, non-reentrant",
-            "timing": "median wall time of the timed steps (forward, backward, clip, optimizer step), "
-            "fastest repeat",
-            "memory": "CPU: worker VmHWM, reset after imports (peak) and at the first step (training peak); "
-            "CUDA: max_memory_allocated",
-            "configs": {n: CONFIG_LABELS[n] for n in runs},
+            "activation_checkpointing": "every LlamaDecoderLayer, non-reentrant; checked per step",
+            "configs": {n: CONFIG_LABELS[n] for n in args.configs},
         },
         "machine": info,
         "results": rows,
         "runs": runs,
         "runtime_s": time.perf_counter() - started,
     }
-    header = (
-        f"# Training memory and speed, {params / 1e6:.0f} M-parameter Llama-style model\n\n"
-        f"{layers} layers, hidden {hidden}, intermediate {intermediate}, vocab {vocab}; batch 1 x "
-        f"{args.seq_len} tokens, activation checkpointing on every decoder layer; LoRA r=64, alpha=16, "
-        f"dropout 0.1 on every linear layer but lm_head; 4-bit runs NF4 + double quant, compute dtype "
-        f"{args.compute_dtype}. device `{args.device}`, torch {info['torch']}, bitsandbytes "
-        f"{info['bitsandbytes']}, transformers {info['transformers']}, peft {_version('peft')}, lightning "
-        f"{info['lightning']}"
-        + (f", {info.get('cuda_device')}" if args.device.startswith("cuda") else
-           f", {info['cpu_count']} CPU cores, {args.threads or 'default'} torch thread(s)")
-        + f". {args.warmup} warm-up + {args.steps} timed steps, median step, best of {args.repeats}; "
-        "ratios are to LoRA. Peak: the worker process's highest resident memory from after its imports "
-        "(loading included); training peak: from the first training step on; anon. peak: highest "
-        "anonymous (not file-backed) resident memory, sampled every 10 ms, so without the pages of the "
-        "memory-mapped safetensors checkpoint that are still mapped. CPU s / step: process CPU time, less "
-        "sensitive than wall time to other load on the machine."
-        + (f" Workers ran with MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}."
-           if args.malloc_mmap_threshold else "")
-        + "\n\n"
-    )  # fmt: skip
-    table = build_tables(rows, "cuda" if args.device.startswith("cuda") else "cpu")
-    write_results(args.out, args.name, payload, header + table)
-    plot_path = args.plot or args.out / ("train_memory.png" if args.name == NAME else f"{args.name}.png")
+    table = describe(args, info) + build_tables(rows, "cuda" if args.device.startswith("cuda") else "cpu")
+    write_results(args.out, args.name, payload, table)
+    plot = args.out / ("train_memory.png" if args.name == NAME else f"{args.name}.png")
     plot_memory(
-        rows,
-        plot_path,
-        f"Training memory, {params / 1e6:.0f} M-param Llama-style model, batch 1 x {args.seq_len}, "
-        f"{args.device}",
-        "cuda" if args.device.startswith("cuda") else "cpu",
+        rows, plot, f"Training memory, {args.model_size} Llama, batch 1 x {args.seq_len}, {args.device}"
     )
-    print(header + table, end="")
-    stem = args.out / args.name
-    print(f"\nwrote {stem}.json, {stem}.md and {plot_path} ({payload['runtime_s']:.0f} s)")
+    report_written(args.out, args.name, table, payload["runtime_s"], plot)
     return 0
-
-
-def _version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
