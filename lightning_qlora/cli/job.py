@@ -7,10 +7,12 @@ node it came from.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +23,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_qlora.cli.callbacks import FitValidation, RunDescription, ValidateAtLastStep
+from lightning_qlora.cli.curves import CurveRecorder
+from lightning_qlora.cli.interrupt import INTERRUPTED_CHECKPOINT, InterruptHandler
 from lightning_qlora.cli.throughput import TokenThroughput
 from lightning_qlora.lora.callback import LoRA
 
@@ -78,24 +83,6 @@ def building(component: str) -> Iterator[None]:
         raise SetupError(component, err) from err
 
 
-class FitValidation(Callback):
-    """Keep the metrics of the last validation inside `fit` and the step it ran at.
-
-    When fit ended right after a validation (at the end of its last epoch), those are the tuned metrics
-    and the job need not run the same validation again.
-    """
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self.metrics: dict[str, Any] = {}
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        self.step = trainer.global_step
-        self.metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")}
-
-
 @dataclass
 class JobParts:
     """Everything `train` needs; the callbacks are kept by role for the summary."""
@@ -104,6 +91,8 @@ class JobParts:
     lora: LoRA
     throughput: TokenThroughput | None
     fit_validation: FitValidation
+    interrupt: InterruptHandler
+    curves: CurveRecorder | None
     datamodule: pl.LightningDataModule
     model: pl.LightningModule
     loggers: list[Logger]
@@ -111,9 +100,16 @@ class JobParts:
 
 
 def build(cfg: DictConfig) -> JobParts:
-    """Precision plugin, LoRA, optimizer, strategy, callbacks, logger, Trainer, then data and model."""
+    """Precision plugin, LoRA, optimizer, strategy, callbacks, logger, Trainer, then data (read and checked
+    line by line) and, last, the model."""
     with building("precision"):
         precision = instantiate(cfg.precision) if cfg.precision is not None else None
+    # The plugin would print its table at each validate and fit; RunDescription prints it once.
+    print_report = bool(getattr(precision, "log_report", False))
+    if print_report and precision is not None:
+        precision.log_report = False
+    with building("ckpt_path"):
+        check_ckpt_path(cfg.ckpt_path)
     with building("lora"):
         lora = instantiate(cfg.lora)
     with building("optimizer"):
@@ -121,7 +117,13 @@ def build(cfg: DictConfig) -> JobParts:
     with building("trainer.strategy"):
         strategy = build_strategy(cfg.trainer.strategy, optimizer)
     fit_validation = FitValidation()
-    callbacks: list[Callback] = [lora, fit_validation]
+    run_dir = Path(cfg.paths.output_dir)
+    interrupt = InterruptHandler(run_dir / "checkpoints" / INTERRUPTED_CHECKPOINT, lora)
+    curves = CurveRecorder(cfg.metric.name) if cfg.plot_curves else None
+    description = RunDescription(job_config(cfg), precision, print_report)
+    callbacks: list[Callback] = [lora, fit_validation, ValidateAtLastStep(), interrupt, description]
+    if curves is not None:
+        callbacks.append(curves)
     for name, node in (cfg.callbacks or {}).items():
         if node is not None:
             with building(f"callbacks.{name}"):
@@ -142,10 +144,33 @@ def build(cfg: DictConfig) -> JobParts:
         )
     with building("data"):
         datamodule = instantiate(cfg.data)
+        read_records = getattr(datamodule, "read_records", None)
+        if callable(read_records):  # the packaged data modules: every file problem before the model loads
+            read_records()
     with building("model"):
         model = instantiate(cfg.model)
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
-    return JobParts(precision, lora, throughput, fit_validation, datamodule, model, loggers, trainer)
+    return JobParts(
+        precision, lora, throughput, fit_validation, interrupt, curves, datamodule, model, loggers, trainer
+    )
+
+
+def job_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed job config, resolved, as plain containers (what the loggers receive, flattened)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """A checkpoint to resume from must exist now, not after the model loaded."""
+    if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning's own names
+        return
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} is not a file; pass the .ckpt a run wrote (e.g. <run>/checkpoints/"
+            f"{INTERRUPTED_CHECKPOINT}, printed when a run is interrupted)"
+        )
 
 
 def build_strategy(node: Any, optimizer: Any) -> Any:
@@ -172,6 +197,8 @@ def build_loggers(node: Any) -> list[Logger]:
     nodes = [node] if "_target_" in node else [n for n in node.values() if n is not None]
     if any("WandbLogger" in str(n.get("_target_", "")) for n in nodes):
         _quiet_wandb(nodes)
+    if any("TensorBoardLogger" in str(n.get("_target_", "")) for n in nodes):
+        _check_tensorboard()
     return [instantiate(n) for n in nodes]
 
 
@@ -181,6 +208,14 @@ def _quiet_wandb(nodes: list[Any]) -> None:
     for n in nodes:
         if "WandbLogger" in str(n.get("_target_", "")) and n.get("offline", False):
             os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def _check_tensorboard() -> None:
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise ImportError(
+            "logger=tensorboard needs the `tensorboard` package: `pip install tensorboard` "
+            "(or choose logger=csv, logger=wandb or logger=none)"
+        )
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

@@ -34,7 +34,25 @@ def wandb_offline() -> bool:
     return not wandb_logged_in()
 
 
+def package_version() -> str:
+    from lightning_qlora import __version__
+
+    return __version__
+
+
+def job_dirname(num: int, override_dirname: str) -> str:
+    """A multirun job's folder name from its number and overrides (see `lightning_qlora.cli.sweep`)."""
+    from lightning_qlora.cli.sweep import job_dirname as name
+
+    return name(num, override_dirname)
+
+
 def register_resolvers() -> None:
-    """`${lq.wandb_offline:}`; safe to call more than once."""
-    if not OmegaConf.has_resolver("lq.wandb_offline"):
-        OmegaConf.register_new_resolver("lq.wandb_offline", wandb_offline)
+    """`${lq.wandb_offline:}`, `${lq.version:}`, `${lq.job_dirname:num,overrides}`; safe to call again."""
+    for name, resolver in (
+        ("lq.wandb_offline", wandb_offline),
+        ("lq.version", package_version),
+        ("lq.job_dirname", job_dirname),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

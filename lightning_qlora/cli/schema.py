@@ -138,6 +138,7 @@ class TrainConfig:
     validate_before: bool = True  # the untuned metric, to compare with
     validate_after: bool = True  # skipped when fit's last validation already ran at its last step
     ckpt_path: str | None = None  # resume fit from this Lightning checkpoint
+    plot_curves: bool = True  # curves.png (losses, metric, memory over steps) in the run folder
 
 
 def register_configs() -> None:

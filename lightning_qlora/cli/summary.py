@@ -70,7 +70,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable block for the end of the console output."""
     metric = summary["metric"]
-    lines = [f"==== lightning-qlora: {summary['task_name']} ===="]
+    lines = [f"==== lightning-qlora {summary.get('version', '')}: {summary['task_name']} ===="]
     change = metric.get("change")
     arrow = f" ({'+' if change >= 0 else ''}{change:.4f})" if isinstance(change, float) else ""
     lines.append(
@@ -98,7 +98,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(mem)
     if summary.get("compute_dtype"):
         lines.append(f"4-bit base: compute dtype {summary['compute_dtype']}")
+    if summary.get("interrupted"):
+        lines.append(f"INTERRUPTED{': ' + summary['error'] if summary.get('error') else ''}")
     lines.append(f"adapter: {summary['adapter_dir'] or '-'}")
+    if summary.get("checkpoint"):
+        lines.append(f"checkpoint: {summary['checkpoint']}")
+    if summary.get("curves"):
+        lines.append(f"curves: {summary['curves']}")
     lines.append(f"logs: {summary['log_dir'] or '-'}")
     lines.append(f"summary: {summary['summary_path']}")
+    if summary.get("resume_command"):
+        lines.append(f"resume with: {summary['resume_command']}")
     return "\n".join(lines)

@@ -5,9 +5,14 @@
     lightning-qlora-train experiment=alpaca_tiny_llama logger=wandb
     lightning-qlora-train -m lora.r=8,64                   # one run per value
     lightning-qlora-train --cfg job                        # print the composed config and exit
+    lightning-qlora-train --version
 
 The job validates once before training (the untuned metric), fits, validates again, then prints a summary
-and writes it as `summary.json` to the run folder. It returns the tuned metric, for Hydra's sweepers.
+and writes it as `summary.json` (and `curves.png`) to the run folder. It returns the tuned metric, for
+Hydra's sweepers. Ctrl-C during training stops after the step, keeps the adapters and a checkpoint and
+prints the command that resumes (`ckpt_path=...`); a second Ctrl-C exits at once.
+
+Only Hydra and OmegaConf are imported until a job runs, so `--help`, `--version` and `--cfg` answer at once.
 """
 
 from __future__ import annotations
@@ -28,12 +33,31 @@ if TYPE_CHECKING:
     from lightning_qlora.cli.job import JobParts, SetupError
 
 SETUP_ERROR_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a run stopped by Ctrl-C
+_UNUSED_PARAMETERS = "took no part in the loss"
 # Libraries that log through their own handler when imported before Hydra configured logging.
 _LIBRARY_LOGGERS = ("lightning_qlora", "lightning", "lightning.pytorch", "lightning.fabric")
 
 
+def main() -> float | None:
+    """Console entry point. `--version` and `--help` are answered here: Hydra's own `--version` prints
+    Hydra's version, and its `--help` takes seconds."""
+    args = sys.argv[1:]
+    if "--version" in args:
+        from lightning_qlora import __version__
+
+        print(f"lightning-qlora {__version__}")
+        return None
+    from lightning_qlora.cli.help import print_help, wants_help
+
+    if wants_help(args):  # Hydra's --help takes seconds to scan the groups
+        print_help(args)
+        return None
+    return hydra_main()
+
+
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point: Hydra composes and checks the config; the job is built, trained and summarized."""
     from lightning.pytorch import seed_everything
 
@@ -51,12 +75,21 @@ def main(cfg: DictConfig) -> float | None:
         _exit_with_config_error(err)
     config_errors = run_config_errors()
     try:
-        return run(cfg, parts, start)
+        with parts.interrupt.installed():
+            tuned = run(cfg, parts, start)
     except tuple(config_errors) as err:
         if full_error:
             raise
         node = next(n for cls, n in config_errors.items() if isinstance(err, cls))
         _exit_with_config_error(SetupError(node, err))
+    except RuntimeError as err:
+        if full_error or _UNUSED_PARAMETERS not in str(err):
+            raise
+        _exit_with_unused_parameters(err)
+    if parts.interrupt.requested:
+        _end_sweep_early()
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    return tuned
 
 
 def _exit_with_config_error(err: SetupError) -> NoReturn:
@@ -66,8 +99,35 @@ def _exit_with_config_error(err: SetupError) -> NoReturn:
     sys.exit(SETUP_ERROR_EXIT_CODE)
 
 
+def _exit_with_unused_parameters(err: RuntimeError) -> NoReturn:
+    """DDP found adapters outside the loss: say which overrides fix it, in one line."""
+    print(
+        "Error in config node trainer.strategy: under DDP some trainable parameters took no part in the "
+        "loss. If that is intended, add `trainer.strategy.find_unused_parameters=true`; otherwise keep "
+        "those modules out of LoRA with `lora.exclude=[...]` (the module names are in the traceback: set "
+        "HYDRA_FULL_ERROR=1).",
+        file=sys.stderr,
+    )
+    sys.exit(SETUP_ERROR_EXIT_CODE)
+
+
+def _end_sweep_early() -> None:
+    """Ctrl-C in a multirun stops the sweep too; the table still lists the jobs that ran."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        from lightning_qlora.cli.sweep import write_sweep_table
+
+        write_sweep_table(HydraConfig.get().sweep.dir)
+
+
 def run(cfg: DictConfig, parts: JobParts, start: float) -> float | None:
-    """Validate (untuned), fit, validate (tuned), summarize; returns the tuned metric."""
+    """Validate (untuned), fit, validate (tuned), summarize; returns the tuned metric.
+
+    After Ctrl-C (fit stopped early) the tuned validation is skipped and the summary says how to resume;
+    after an error in training, the summary records the error and what was saved, then the error goes on.
+    """
     from lightning_qlora.cli.job import finish_loggers
     from lightning_qlora.cli.summary import metrics_dict
 
@@ -75,11 +135,24 @@ def run(cfg: DictConfig, parts: JobParts, start: float) -> float | None:
     before: dict[str, Any] = {}
     if cfg.validate_before:
         before = metrics_dict(trainer.validate(model, datamodule=datamodule, verbose=False)[0])
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except BaseException:
+        if parts.interrupt.error is not None:  # the error came from training: keep what was saved
+            train_metrics = metrics_dict(
+                {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train")}
+            )
+            after = metrics_dict(parts.fit_validation.metrics)
+            summarize(cfg, parts, before, after, train_metrics, time.perf_counter() - start)
+        raise
     # read before another validation resets them
     train_metrics = metrics_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith("train")})
     after = metrics_dict(parts.fit_validation.metrics)
-    if cfg.validate_after and parts.fit_validation.step != trainer.global_step:
+    if (
+        cfg.validate_after
+        and not parts.interrupt.requested
+        and parts.fit_validation.step != trainer.global_step
+    ):
         after = metrics_dict(trainer.validate(model, datamodule=datamodule, verbose=False)[0])
     summary = summarize(cfg, parts, before, after, train_metrics, time.perf_counter() - start)
     finish_loggers(parts.loggers)
@@ -98,6 +171,8 @@ def summarize(
     """Collect the summary; rank 0 prints it and writes `summary.json` to the run folder."""
     from hydra.core.hydra_config import HydraConfig
 
+    from lightning_qlora import __version__
+    from lightning_qlora.cli.interrupt import resume_command
     from lightning_qlora.cli.summary import (
         compare,
         format_summary,
@@ -106,18 +181,28 @@ def summarize(
     )
 
     trainer, throughput, precision = parts.trainer, parts.throughput, parts.precision
+    interrupt = parts.interrupt
     run_dir = Path(cfg.paths.output_dir)
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
     adapter_dir = parts.lora.export_dir
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    resume = None
+    if interrupt.checkpoint is not None:
+        checkpoint = str(interrupt.checkpoint)
+        resume = resume_command(overrides, interrupt.checkpoint)
+    curves = _plot(cfg, parts) if trainer.is_global_zero else None
     report = getattr(precision, "report", None)
     compute_dtype = getattr(precision, "compute_dtype", None)
     log_dirs = [str(Path(d)) for d in map(_log_dir, parts.loggers) if d is not None]
     summary: dict[str, Any] = {
         "task_name": cfg.task_name,
+        "version": __version__,
+        "interrupted": interrupt.interrupted,
+        "error": f"{type(interrupt.error).__name__}: {interrupt.error}" if interrupt.error else None,
         "run_dir": str(run_dir),
         "choices": dict(hydra_cfg.runtime.choices) if hydra_cfg is not None else {},
-        "overrides": list(hydra_cfg.overrides.task) if hydra_cfg is not None else [],
+        "overrides": overrides,
         "metric": compare(cfg.metric.name, cfg.metric.mode, before, after),
         "validation": {"untuned": before, "tuned": after},
         "train": {
@@ -138,6 +223,8 @@ def summarize(
         "adapter_dir": str(adapter_dir) if adapter_dir is not None and adapter_dir.is_dir() else None,
         "log_dir": log_dirs[0] if log_dirs else None,
         "checkpoint": checkpoint,
+        "resume_command": resume,
+        "curves": str(curves) if curves is not None else None,
         "wall_time_s": wall_time_s,
         "summary_path": str(run_dir / "summary.json"),
     }
@@ -145,6 +232,21 @@ def summarize(
         write_summary(summary, run_dir)
         print("\n" + format_summary(summary), flush=True)
     return summary
+
+
+def _plot(cfg: DictConfig, parts: JobParts) -> Path | None:
+    """`curves.png` in the run folder; a drawing problem is reported, never fatal to the run."""
+    if parts.curves is None:
+        return None
+    from lightning_qlora.cli.curves import CURVES_NAME, plot_curves
+
+    try:
+        return plot_curves(
+            parts.curves.curves, Path(cfg.paths.output_dir) / CURVES_NAME, cfg.task_name, cfg.metric.name
+        )
+    except Exception as err:  # e.g. matplotlib missing from a trimmed install
+        logging.getLogger("lightning_qlora").warning("No curves.png: %s: %s", type(err).__name__, err)
+        return None
 
 
 def _log_dir(logger: Any) -> str | None:

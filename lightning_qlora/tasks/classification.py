@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import Accuracy, F1Score
+
+from .data_files import RecordSchema, check_validation_split, label_range_check, read_splits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -62,18 +64,23 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_jsonl_splits(
-    data_dir: str | Path, splits: Sequence[str] = ("train", "validation")
+    data_dir: str | Path,
+    schema: RecordSchema | None = None,
+    validation_split: float | None = None,
+    seed: int = 0,
 ) -> dict[str, Dataset]:
-    """Read ``<split>.jsonl`` files from a local folder with the ``datasets`` json builder."""
-    folder = Path(data_dir)
-    files = {split: folder / f"{split}.jsonl" for split in splits}
-    missing = [str(f) for f in files.values() if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"Dataset files not found: {missing}; expected {list(splits)} as .jsonl in {folder}."
-        )
-    loaded = load_dataset("json", data_files={k: str(v) for k, v in files.items()})
-    return {split: loaded[split] for split in splits}
+    """``train`` and ``validation`` datasets of a data folder, checked line by line (see `data_files`)."""
+    schema = schema if schema is not None else RecordSchema(required={})
+    return {
+        split: records_to_dataset(records, schema)
+        for split, records in read_splits(data_dir, schema, validation_split, seed).items()
+    }
+
+
+def records_to_dataset(records: list[dict[str, Any]], schema: RecordSchema) -> Dataset:
+    """Column by column, so every record has every schema field (missing optional ones are None)."""
+    names = [*schema.required, *schema.optional] or list(records[0])
+    return Dataset.from_dict({name: [r.get(name) for r in records] for name in names})
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> Tensor:
@@ -122,7 +129,9 @@ class TokenCountingModule(pl.LightningModule):
 class JsonlDataModule(pl.LightningDataModule):
     """Shared plumbing of the example datamodules: local jsonl splits, a local tokenizer, padded batches.
 
-    Subclasses say how a split is tokenized (``encode``) and batched (``collate``).
+    Subclasses say which fields a record has (``schema``), how a split is tokenized (``encode``) and
+    batched (``collate``). The files are read and checked by ``read_records``, which the training command
+    calls before it loads the model, so a bad line is reported at once (file, line number, what).
     """
 
     default_data = ""
@@ -135,8 +144,16 @@ class JsonlDataModule(pl.LightningDataModule):
         max_length: int,
         num_workers: int,
         seed: int,
+        validation_split: float | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        check_validation_split(validation_split)
+        self.validation_split = validation_split
         self.data_dir = Path(data_dir) if data_dir is not None else DATA_DIR / self.default_data
         self.tokenizer_path = (
             Path(tokenizer_path) if tokenizer_path is not None else default_pretrained_path()
@@ -155,16 +172,25 @@ class JsonlDataModule(pl.LightningDataModule):
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
+    def schema(self) -> RecordSchema:
+        """The fields each record must (and may) have, and their JSON types."""
+        raise NotImplementedError
+
     def encode(self, split: Dataset) -> Dataset:
         raise NotImplementedError
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def read_records(self) -> dict[str, Dataset]:
+        """Read and check both splits (once); a `DataError` names the file, the line and the problem."""
+        if not self.raw:
+            self.raw = load_jsonl_splits(self.data_dir, self.schema(), self.validation_split, self.seed)
+        return self.raw
+
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
-            self.raw = load_jsonl_splits(self.data_dir)
-            self.datasets = {split: self.encode(ds) for split, ds in self.raw.items()}
+            self.datasets = {split: self.encode(ds) for split, ds in self.read_records().items()}
 
     def pad_inputs(self, features: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
         """``input_ids`` right-padded to the batch's longest example, and the matching attention mask."""
@@ -193,7 +219,10 @@ class JsonlDataModule(pl.LightningDataModule):
 
 
 class SentimentDataModule(JsonlDataModule):
-    """The packaged review dataset (``{"text", "label"}`` jsonl), tokenized and padded per batch."""
+    """The packaged review dataset (``{"text", "label"}`` jsonl), tokenized and padded per batch.
+
+    ``label`` is a class index below ``num_labels`` (the model's), checked when the files are read.
+    """
 
     default_data = "sentiment"
 
@@ -205,9 +234,21 @@ class SentimentDataModule(JsonlDataModule):
         max_length: int = 64,
         num_workers: int = 0,
         seed: int = 42,
+        validation_split: float | None = None,
+        num_labels: int = 2,
     ) -> None:
-        super().__init__(data_dir, tokenizer_path, batch_size, max_length, num_workers, seed)
+        super().__init__(
+            data_dir, tokenizer_path, batch_size, max_length, num_workers, seed, validation_split
+        )
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+        self.num_labels = num_labels
         self.save_hyperparameters()
+
+    def schema(self) -> RecordSchema:
+        return RecordSchema(
+            required={"text": (str,), "label": (int,)}, check=label_range_check("label", self.num_labels)
+        )
 
     def encode(self, split: Dataset) -> Dataset:
         tokenizer, max_length = self.tokenizer, self.max_length
@@ -254,6 +295,11 @@ class TextClassifier(TokenCountingModule):
             str(path), dtype=torch.float32, local_files_only=True
         )
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes
+        if getattr(self.model, "pooler", None) is not None:
+            # Pooling reads last_hidden_state, so the encoder's own pooler never reaches the loss: adapters
+            # on it would stay unused and stop DDP ("took no part in the loss"). Drop it (BERT-style models
+            # skip a None pooler); its weights are then neither quantized nor adapted.
+            self.model.pooler = None
         self.pooling = pooling
         self.dropout = nn.Dropout(classifier_dropout)
         self.classifier = nn.Linear(int(self.model.config.hidden_size), num_labels)

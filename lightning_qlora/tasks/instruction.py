@@ -26,6 +26,7 @@ from .classification import (
     load_tokenizer,
     pad_sequences,
 )
+from .data_files import RecordSchema
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -179,13 +180,21 @@ class InstructionDataModule(JsonlDataModule):
         group_by_length: bool = True,
         num_workers: int = 0,
         seed: int = 42,
+        validation_split: float | None = None,
     ) -> None:
-        super().__init__(data_dir, tokenizer_path, batch_size, max_length, num_workers, seed)
+        super().__init__(
+            data_dir, tokenizer_path, batch_size, max_length, num_workers, seed, validation_split
+        )
         self.group_by_length = group_by_length
         # tokenizer_path is left out: with a logger, Lightning merges these hparams with the module's and
         # refuses differing values, yet the module may hold None (its pretrained folder) for the same path.
         # The module checks that the tokenizers agree instead (on_fit_start).
         self.save_hyperparameters(ignore=["tokenizer_path"])
+
+    def schema(self) -> RecordSchema:
+        return RecordSchema(
+            required={"instruction": (str,), "output": (str,)}, optional={"input": (str, type(None))}
+        )
 
     def encode(self, split: Dataset) -> Dataset:
         tokenizer, max_length = self.tokenizer, self.max_length

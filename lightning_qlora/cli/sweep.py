@@ -1,0 +1,139 @@
+"""The table at the end of a multirun: each job's overrides and final metrics, best first.
+
+`SweepTable` is a Hydra callback (registered in `conf/train.yaml` under `hydra.callbacks`). When the sweep
+ends it reads every job folder's `summary.json` (a job that failed has none and is listed as failed),
+writes `sweep.md` and `sweep.json` into the sweep folder and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+SWEEP_MARKDOWN = "sweep.md"
+SWEEP_JSON = "sweep.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+_MAX_DIRNAME = 120
+
+
+def job_dirname(num: int, override_dirname: str) -> str:
+    """`3_lora.r=8,optimizer.lr=0.001`: the job number (unique, sorts in launch order) and its overrides,
+    with path separators and other odd characters replaced, cut to a length every file system accepts."""
+    clean = _UNSAFE.sub("_", str(override_dirname)).strip("_")[:_MAX_DIRNAME]
+    return f"{num}_{clean}" if clean else str(num)
+
+
+def _job_overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    loaded = OmegaConf.to_container(OmegaConf.load(path))
+    return [str(o) for o in loaded] if isinstance(loaded, list) else []
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder (a folder with `.hydra/` or `summary.json`), best tuned metric first."""
+    rows: list[dict[str, Any]] = []
+    for job_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        summary_path = job_dir / "summary.json"
+        if not summary_path.is_file() and not (job_dir / ".hydra").is_dir():
+            continue
+        row: dict[str, Any] = {"job": job_dir.name, "overrides": _job_overrides(job_dir)}
+        if not summary_path.is_file():
+            rows.append({**row, "status": "failed"})
+            continue
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        metric, train = summary.get("metric", {}), summary.get("train", {})
+        row.update(
+            status="interrupted" if summary.get("interrupted") else "done",
+            metric=metric.get("name"),
+            mode=metric.get("mode"),
+            tuned=metric.get("tuned"),
+            untuned=metric.get("untuned"),
+            validation=summary.get("validation", {}).get("tuned", {}),
+            train_loss=train.get("final_metrics", {}).get("train/loss"),
+            steps=train.get("steps"),
+            tokens_per_sec=train.get("tokens_per_sec"),
+            peak_rss_mib=summary.get("memory", {}).get("peak_rss_mib"),
+            adapter_dir=summary.get("adapter_dir"),
+        )
+        rows.append(row)
+
+    def key(row: dict[str, Any]) -> tuple[int, float]:
+        tuned = _finite(row.get("tuned"))
+        if tuned is None:
+            return (1, 0.0)
+        return (0, -tuned if row.get("mode", "max") == "max" else tuned)
+
+    return sorted(rows, key=key)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    metric = next((r["metric"] for r in rows if r.get("metric")), "metric")
+    header = [
+        "rank",
+        "overrides",
+        f"{metric} (tuned)",
+        "untuned",
+        "train/loss",
+        "steps",
+        "tokens/s",
+        "status",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rank, row in enumerate(rows, start=1):
+        cells = [
+            rank,
+            " ".join(row["overrides"]) or "(defaults)",
+            row.get("tuned"),
+            row.get("untuned"),
+            row.get("train_loss"),
+            row.get("steps"),
+            round(row["tokens_per_sec"]) if isinstance(row.get("tokens_per_sec"), float) else None,
+            row["status"],
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_sweep_table(sweep_dir: str | Path) -> tuple[Path, Path] | None:
+    """Write `sweep.md` and `sweep.json` into the sweep folder; None when it holds no job."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return None
+    rows = collect_rows(sweep_dir)
+    if not rows:
+        return None
+    table = markdown_table(rows)
+    md_path, json_path = sweep_dir / SWEEP_MARKDOWN, sweep_dir / SWEEP_JSON
+    md_path.write_text(f"# Sweep: {sweep_dir.name}\n\nBest first.\n\n{table}\n", encoding="utf-8")
+    json_path.write_text(json.dumps({"jobs": rows}, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"\n==== sweep: {len(rows)} jobs, best first ====\n{table}\ntable: {md_path}", flush=True)
+    return md_path, json_path
+
+
+class SweepTable(Callback):
+    """Hydra callback: the sweep's table when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_sweep_table(config.hydra.sweep.dir)
