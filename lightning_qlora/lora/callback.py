@@ -8,15 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_qlora._logging import rank_zero_info, rank_zero_warn
 from lightning_qlora._rng import capture_rng_state, restore_rng_state
+from lightning_qlora._train_mode import ensure_training
 from lightning_qlora.lora.config import LoRAConfig
+from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
 from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_trainable, summarize
+from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE
 from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linear_layers
 
@@ -41,6 +46,9 @@ class LoRA(Callback):
             its `model` attribute if there is one, else the LightningModule itself; "." names the
             LightningModule (for a head that lives outside `model`, so it is exported too).
         adapter_only_checkpoints: drop the frozen base from Lightning checkpoints.
+        max_skipped_steps: optimizer steps with a non-finite loss or gradient that are skipped (update
+            dropped) before training stops with a `DivergenceError` naming the step; 0 stops at the first.
+            Non-finite weights are never checkpointed or exported.
     """
 
     def __init__(
@@ -58,6 +66,7 @@ class LoRA(Callback):
         export_dir: str | Path | None = None,
         export_module: str | None = None,
         adapter_only_checkpoints: bool = True,
+        max_skipped_steps: int = 0,
     ) -> None:
         self.config = LoRAConfig(
             r=r,
@@ -77,6 +86,7 @@ class LoRA(Callback):
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.adapted: list[str] = []
         self._original_configure_model: Any = None
+        self.guard = NonFiniteGuard(max_skipped_steps)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -124,13 +134,38 @@ class LoRA(Callback):
             self._original_configure_model = None
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.guard.on_train_start(trainer, pl_module)
+        adapted = [m for m in pl_module.modules() if isinstance(m, LoRALinear)]
+        ensure_training(pl_module, adapted, "LoRA", "adapts")
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self.guard.on_before_backward(trainer, pl_module, loss)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        self.guard.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self.adapter_only_checkpoints:
-            return
         keep = trainable_state_keys(pl_module)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        trained = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        check_finite_state(trained, "a checkpoint")  # a diverged run never replaces a good checkpoint
+        if self.adapter_only_checkpoints:
+            checkpoint["state_dict"] = trained
 
     @override
     def on_load_checkpoint(
@@ -147,7 +182,11 @@ class LoRA(Callback):
     def state_dict(self) -> dict[str, Any]:
         # The RNG state travels with the checkpoint so adapter dropout draws the same masks after a resume
         # as in an uninterrupted run: Lightning does not save it on its own.
-        return {"config": asdict(self.config), "rng": capture_rng_state()}
+        return {
+            "config": asdict(self.config),
+            "rng": capture_rng_state(),
+            "guard": self.guard.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -159,6 +198,8 @@ class LoRA(Callback):
             raise ValueError(f"Resuming with a different LoRA configuration than the checkpoint's: {detail}.")
         if "rng" in state_dict:
             restore_rng_state(state_dict["rng"])
+        if "guard" in state_dict:
+            self.guard.load_state_dict(state_dict["guard"])
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -167,6 +208,8 @@ class LoRA(Callback):
 
             root = export_root(pl_module, self.export_module)
             _warn_about_trained_modules_outside(pl_module, root)
+            trained = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+            check_finite_state(trained, f"the adapters to {self.export_dir}")
             path = save_peft_adapter(root, self.export_dir, self.config)
             rank_zero_info(f"LoRA: adapters written in PEFT format to {path}")
 

@@ -1,0 +1,61 @@
+"""Through the real command: a diverged run exits non-zero and leaves the earlier good export as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "experiment=alpaca_tiny_llama",
+    "logger=none",
+    "model.num_samples_to_generate=1",
+    "model.max_new_tokens=4",
+    "data.batch_size=4",
+    "data.max_length=24",
+    "trainer.limit_val_batches=1",
+    "validate_before=false",
+]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_qlora.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+def test_a_diverging_run_exits_non_zero_and_keeps_the_good_export(tmp_path: Path) -> None:
+    export = tmp_path / "adapter"
+    good = run_cli(
+        [*TINY, "trainer.max_steps=2", f"lora.export_dir={export}", f"hydra.run.dir={tmp_path / 'a'}"],
+        tmp_path,
+    )
+    assert good.returncode == 0, good.stderr[-3000:]
+    before = digest(export)
+    # lr 1e30 with a constant schedule: the first step blows the adapters up, the second loss is NaN.
+    diverging = [
+        *TINY, "trainer.max_steps=4", "optimizer.lr=1e30", "optimizer.scheduler=constant",
+        "optimizer.warmup_ratio=null", f"lora.export_dir={export}", f"hydra.run.dir={tmp_path / 'b'}",
+    ]  # fmt: skip
+    bad = run_cli(diverging, tmp_path)
+    assert bad.returncode != 0
+    assert "DivergenceError: Training diverged at optimizer step 2" in bad.stderr
+    assert digest(export) == before
+    assert not list(tmp_path.glob(".adapter.*"))  # no leftover temporary folder next to it
