@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_qlora.lora.callback import LoRA, export_root
+from lightning_qlora.lora.guard import DivergenceError
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 SECOND_INTERRUPT_EXIT_CODE = 130  # the shell's code for a SIGINT death
@@ -114,6 +115,8 @@ class InterruptHandler(Callback):
         self.error = exception
         if trainer.state.fn != "fit" or trainer.global_step == 0:
             return  # nothing trained yet
+        if isinstance(exception, DivergenceError):
+            return  # the weights that led to a NaN are not worth keeping: the last good export stays
         if not trainable_weights_finite(pl_module):
             rank_zero_warn("The trainable weights hold NaN or inf: no adapters or checkpoint written.")
             return
