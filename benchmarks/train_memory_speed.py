@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,7 +41,9 @@ from typing import Any
 from benchmarks.harness import (
     LLAMA_SIZES,
     MIB,
+    LikeForLike,
     ProcessMeter,
+    StepMeter,
     add_worker_options,
     base_parser,
     build_on_meta,
@@ -53,9 +54,7 @@ from benchmarks.harness import (
     llama_size,
     machine_info,
     markdown_table,
-    mib,
     model_folder,
-    proc_status_kib,
     ratios_to,
     report_written,
     run_worker,
@@ -82,136 +81,6 @@ MAX_GRAD_NORM = 0.3
 # --------------------------------------------------------------------------------------------------------
 # Worker: one configuration in this process.
 # --------------------------------------------------------------------------------------------------------
-
-
-class LikeForLike:
-    """Check that a configuration trains as every other does: train mode, checkpointing, dropout.
-
-    Counts the calls of each decoder layer's first norm: with activation checkpointing it runs twice a
-    step (forward, and the recomputation in backward) whichever way checkpointing was applied.
-    """
-
-    def __init__(self, model: Any) -> None:
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-        self.model = model
-        self.layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
-        self.calls = 0
-        self.per_step: list[float] = []
-        for layer in self.layers:
-            layer.input_layernorm.register_forward_hook(self._count)
-
-    def _count(self, *_: Any) -> None:
-        self.calls += 1
-
-    def step_done(self) -> None:
-        self.per_step.append(self.calls / max(1, len(self.layers)))
-        self.calls = 0
-
-    def state(self) -> dict[str, Any]:
-        """Training mode and active dropout now (call during training)."""
-        from torch import nn
-
-        dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
-        return {
-            "all_modules_training": all(m.training for m in self.model.modules()),
-            "active_dropout_modules": sum(m.training for m in dropouts),
-            "dropout_modules": len(dropouts),
-        }
-
-    def verify(self, expect_dropout: bool) -> dict[str, Any]:
-        """The check's figures; raises if the run was not like for like."""
-        found = {**self.state(), "decoder_forwards_per_step": self.per_step}
-        problems = []
-        if not found["all_modules_training"]:
-            problems.append("some modules were in eval mode")
-        if any(n != 2 for n in self.per_step):
-            problems.append(f"decoder layers ran {self.per_step} times a step, not 2 (checkpointing off?)")
-        if expect_dropout and found["active_dropout_modules"] == 0:
-            problems.append("no active dropout")
-        if problems:
-            raise RuntimeError("not like for like: " + "; ".join(problems))
-        return found
-
-
-class StepMeter:
-    """Per-step wall and CPU time, losses, and the memory peaks of setup and of training apart."""
-
-    def __init__(self, device: Any, warmup: int, total: int, process: ProcessMeter) -> None:
-        self.device, self.warmup, self.total, self.process = device, warmup, total, process
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-        self.losses: list[float] = []
-        self.rss_after_step_mib: list[float | None] = []
-        self.anon_after_step_mib: list[float | None] = []
-        self.setup: dict[str, float | None] = {}
-        self.training: dict[str, float | None] = {}
-        self.step = 0
-        self._t0 = self._c0 = 0.0
-
-    def _sync(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _peaks(self) -> dict[str, float | None]:
-        import torch
-
-        peaks = self.process.read()
-        if self.device.type == "cuda":
-            peaks["peak_rss_mib"] = torch.cuda.max_memory_allocated(self.device) / MIB
-        return peaks
-
-    def start_training(self) -> None:
-        """Called once the model is set up: keeps the peaks so far and starts new ones for training."""
-        import torch
-
-        self.setup = self._peaks()
-        gc.collect()
-        self.process.start()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def before_step(self) -> None:
-        self._sync()
-        self._t0, self._c0 = time.perf_counter(), time.process_time()
-
-    def after_step(self, loss: float) -> None:
-        self._sync()
-        wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
-        self.step += 1
-        self.losses.append(loss)
-        self.rss_after_step_mib.append(mib(proc_status_kib("VmRSS")))
-        self.anon_after_step_mib.append(mib(proc_status_kib("RssAnon")))
-        if self.step > self.warmup:
-            self.wall.append(wall)
-            self.cpu.append(cpu)
-        if self.step == self.total:
-            self.training = self._peaks()
-
-    def result(self) -> dict[str, Any]:
-        def peak(key: str) -> float | None:
-            values = [v for v in (self.setup.get(key), self.training.get(key)) if v is not None]
-            return max(values) if values else None
-
-        return {
-            "baseline_mib": self.setup.get("base_rss_mib"),
-            "setup_peak_mib": self.setup.get("peak_rss_mib"),
-            "train_peak_mib": self.training.get("peak_rss_mib"),
-            "peak_mib": peak("peak_rss_mib"),
-            "peak_anon_sampled_mib": peak("peak_anon_mib"),
-            "train_peak_anon_mib": self.training.get("peak_anon_mib"),
-            "peak_file_sampled_mib": peak("peak_file_mib"),
-            "train_peak_file_mib": self.training.get("peak_file_mib"),
-            "step_s": self.wall,
-            "step_cpu_s": self.cpu,
-            "s_per_step": statistics.median(self.wall or [float("nan")]),
-            "cpu_s_per_step": statistics.median(self.cpu or [float("nan")]),
-            "losses": self.losses,
-            "rss_after_step_mib": self.rss_after_step_mib,
-            "anon_after_step_mib": self.anon_after_step_mib,
-        }
 
 
 def token_batches(vocab: int, steps: int, seq_len: int, seed: int) -> Any:
