@@ -298,12 +298,8 @@ def table(result: Mapping[str, Any], written: Mapping[str, Any]) -> str:
         "losses": ", ".join(f"{v:.3f}" for v in result.get("losses", [])),
         "status": "ok" if result.get("ok") else f"failed: {result.get('error')}",
     }
-    formats = {k: ".2f" for k in row if k.endswith("GiB")} | {
-        "write s": ".0f",
-        "load s": ".0f",
-        "s / step": ".0f",
-    }
-    return markdown_table([row], list(row), formats | {"param MiB": ".0f"})
+    seconds = {k: ".0f" for k in ("write s", "load s", "s / step", "CPU s / step", "param MiB")}
+    return markdown_table([row], list(row), {k: ".2f" for k in row if k.endswith("GiB")} | seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
