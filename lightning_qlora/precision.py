@@ -11,12 +11,12 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_qlora._bnb import bitsandbytes
 from lightning_qlora._logging import rank_zero_info
+from lightning_qlora.quantization.backends import DEFAULT_BACKEND, get_backend
 from lightning_qlora.quantization.compute_dtype import resolve_compute_dtype
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
 from lightning_qlora.quantization.convert import replace_linear_layers, set_compute_dtype
-from lightning_qlora.quantization.layers import Linear4bit, is_linear4bit, quantize_layer
+from lightning_qlora.quantization.layers import is_linear4bit, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
 
 
@@ -37,6 +37,7 @@ class QLoRAPrecision(Precision):
             on CPU bf16 only where it is native (AVX512-BF16/AMX), else fp32.
         exclude: module-name patterns (glob or dotted suffix) kept in full precision. `lm_head` by default.
         log_report: log a table of what was quantized at setup (rank 0 only).
+        backend: the 4-bit storage backend ("bitsandbytes", or a name given to `register_backend`).
     """
 
     # The parts that are not quantized (adapters, norms, embeddings) train in full precision.
@@ -50,15 +51,17 @@ class QLoRAPrecision(Precision):
         compute_dtype: str | torch.dtype = "auto",
         exclude: Sequence[str] | str | None = DEFAULT_EXCLUDE,
         log_report: bool = True,
+        backend: str = DEFAULT_BACKEND,
     ) -> None:
-        bitsandbytes()  # a missing install fails here, with the fix, before the Trainer does any work
         self.config = QuantizationConfig(
             quant_type=quant_type,
             blocksize=blocksize,
             double_quant=double_quant,
             compute_dtype=compute_dtype,
             exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude or ()),
+            backend=backend,
         )
+        get_backend(self.config.backend)  # a missing library fails here, with the fix, before any work
         self.log_report = log_report
         self.report: QuantizationReport | None = None
         self.compute_dtype: torch.dtype | None = None
@@ -79,7 +82,7 @@ class QLoRAPrecision(Precision):
         self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
         """Runs after the model reached its device: finish quantizing, fix the compute dtype, report."""
-        layers: list[Linear4bit] = [m for m in model.modules() if is_linear4bit(m)]
+        layers = [m for m in model.modules() if isinstance(m, nn.Linear) and is_linear4bit(m)]
         for layer in layers:
             quantize_layer(layer)
         if layers:
