@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,12 +11,14 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_qlora._logging import rank_zero_info
-from lightning_qlora.quantization.backends import DEFAULT_BACKEND, get_backend
+from lightning_qlora._settings import check_bool, config_from, signature_with_fields
+from lightning_qlora.quantization.backends import get_backend
 from lightning_qlora.quantization.compute_dtype import resolve_compute_dtype
-from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
+from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.convert import replace_linear_layers, set_compute_dtype
 from lightning_qlora.quantization.layers import is_linear4bit, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
+from lightning_qlora.strategies.support import require_supported_strategy
 
 
 class QLoRAPrecision(Precision):
@@ -30,44 +31,32 @@ class QLoRAPrecision(Precision):
     there in full precision.
 
     Args:
-        quant_type: "nf4" (the paper's NormalFloat) or "fp4".
-        blocksize: weights per absmax constant (64 in the paper).
-        double_quant: also quantize the absmax constants (4.127 instead of 4.5 bits per parameter).
-        compute_dtype: dtype of the dequantized matmul. "auto": bf16 on CUDA with bf16 support, else fp16;
-            on CPU bf16 only where it is native (AVX512-BF16/AMX), else fp32.
-        exclude: module-name patterns (glob or dotted suffix) kept in full precision. `lm_head` by default.
+        config: the storage format (`QuantizationConfig`); its defaults are the paper's (NF4, blocksize 64,
+            double quantization, compute dtype "auto", the LM head kept in full precision).
         log_report: log a table of what was quantized at setup (rank 0 only).
-        backend: the 4-bit storage backend ("bitsandbytes", or a name given to `register_backend`).
+        **kwargs: fields of `QuantizationConfig` (`quant_type`, `blocksize`, `double_quant`,
+            `compute_dtype`, `exclude`, `backend`), a shorthand: `QLoRAPrecision(quant_type="fp4")` is
+            `QLoRAPrecision(QuantizationConfig(quant_type="fp4"))`; given with `config`, they replace its
+            fields.
     """
 
     # The parts that are not quantized (adapters, norms, embeddings) train in full precision.
     precision = "32-true"
 
     def __init__(
-        self,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
-        compute_dtype: str | torch.dtype = "auto",
-        exclude: Sequence[str] | str | None = DEFAULT_EXCLUDE,
-        log_report: bool = True,
-        backend: str = DEFAULT_BACKEND,
+        self, config: QuantizationConfig | None = None, *, log_report: bool = True, **kwargs: Any
     ) -> None:
-        self.config = QuantizationConfig(
-            quant_type=quant_type,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude or ()),
-            backend=backend,
-        )
+        self.config = config_from(QuantizationConfig, config, kwargs, "QLoRAPrecision", ("log_report",))
         get_backend(self.config.backend)  # a missing library fails here, with the fix, before any work
-        self.log_report = log_report
+        self.log_report = check_bool("QLoRAPrecision", "log_report", log_report)
         self.report: QuantizationReport | None = None
         self.compute_dtype: torch.dtype | None = None
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
+        trainer = getattr(module, "_trainer", None)  # a LightningModule attached to a Trainer
+        if trainer is not None:
+            require_supported_strategy(trainer.strategy, "QLoRAPrecision")
         device = _accelerator_device(module)
         compute_dtype = None
         if device is not None:
@@ -97,6 +86,11 @@ class QLoRAPrecision(Precision):
                 + self.report.table()
             )
         return super().connect(model, optimizers, lr_schedulers)
+
+
+QLoRAPrecision.__signature__ = signature_with_fields(  # type: ignore[attr-defined]
+    QLoRAPrecision.__init__, QuantizationConfig
+)
 
 
 def _accelerator_device(module: nn.Module) -> torch.device | None:

@@ -2,70 +2,184 @@
 
 `conf/train.yaml` starts from `base_train_config`, so Hydra checks every override against these
 dataclasses while composing: `lora.r=abc` (wrong type) or `lora.rr=8` (unknown key) fails with a message
-naming the key, before a model is built. Nodes that carry arbitrary constructor arguments (`model`,
-`data`, `logger`, `callbacks`, `trainer.strategy`) stay untyped dicts; Hydra's struct mode still rejects
-a misspelled key there (add a new one with `+key=value`).
+naming the key, before a model is built. The `precision`, `lora` and `optimizer` schemas restate nothing:
+their keys, types and defaults are read off `QuantizationConfig`, `LoRAConfig` and `OptimizerConfig` (and
+the constructors' own arguments) by `settings_schema`, so a new setting is one new dataclass field. Nodes
+that carry arbitrary constructor arguments (`model`, `data`, `logger`, `callbacks`, `trainer.strategy`)
+stay untyped dicts; Hydra's struct mode still rejects a misspelled key there (add one with `+key=value`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from lightning_qlora.lora.callback import LoRA
+from lightning_qlora.lora.config import LoRAConfig
+from lightning_qlora.precision import QLoRAPrecision
+from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.strategies.optim import OptimizerConfig
+
 BASE_CONFIG_NAME = "base_train_config"
 
+T = TypeVar("T")
+_PRIMITIVES: tuple[type, ...] = (bool, int, float, str)
 
+
+def settings_schema(config_cls: type, constructor: type | None = None) -> Callable[[type[T]], type[T]]:
+    """Complete a schema dataclass with the fields of `config_cls` and the own arguments of `constructor`.
+
+    Keys, defaults and help texts are read off the settings dataclass (and the constructor's signature),
+    with their types turned into ones OmegaConf can check (tuples become lists, mappings dicts, a
+    `str | torch.dtype` a str). Fields written in the decorated class come first (`_target_`) or replace
+    a derived default (`export_dir` for the command).
+    """
+
+    def complete(schema: type[T]) -> type[T]:
+        given = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
+        given_types = typing.get_type_hints(schema)
+        hints = typing.get_type_hints(config_cls)
+        derived: list[tuple[str, Any, Any, Mapping[str, Any]]] = [
+            (f.name, hints[f.name], _default_of(f), f.metadata) for f in dataclasses.fields(config_cls)
+        ]
+        if constructor is not None:
+            derived += _constructor_arguments(constructor)
+        entries: list[tuple[str, Any, Any]] = [
+            (f.name, given_types[f.name], f) for f in given.values() if f.name.startswith("_")
+        ]
+        for name, annotation, default, metadata in derived:
+            if name in given:
+                entries.append((name, given_types[name], given[name]))
+            else:
+                entries.append(
+                    (
+                        name,
+                        _schema_type(annotation, f"{config_cls.__name__}.{name}"),
+                        _schema_field(default, metadata),
+                    )
+                )
+        made = dataclasses.make_dataclass(
+            schema.__name__, entries, namespace={"__doc__": schema.__doc__, "__module__": schema.__module__}
+        )
+        made.__qualname__ = schema.__qualname__
+        return made
+
+    return complete
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"Settings field {f.name!r} has no default; every setting needs one for the schema.")
+
+
+def _constructor_arguments(constructor: type) -> list[tuple[str, Any, Any, Mapping[str, Any]]]:
+    """Keyword arguments of `constructor.__init__` other than `config` and `**kwargs`."""
+    init = constructor.__init__  # type: ignore[misc]
+    hints = typing.get_type_hints(init)
+    out: list[tuple[str, Any, Any, Mapping[str, Any]]] = []
+    for name, parameter in inspect.signature(init).parameters.items():
+        if name in ("self", "config") or parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        out.append((name, hints[name], parameter.default, {}))
+    return out
+
+
+def _schema_field(default: Any, metadata: Mapping[str, Any]) -> Any:
+    value = _schema_value(default)
+    if isinstance(value, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(value), metadata=metadata)
+    return field(default=value, metadata=metadata)
+
+
+def _schema_value(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_schema_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _schema_value(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _schema_type(annotation: Any, where: str) -> Any:
+    """The OmegaConf type for a settings annotation; a type it cannot check is an error naming the field."""
+    if annotation is Any or annotation in _PRIMITIVES:
+        return annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        optional = type(None) in args
+        usable = [a for a in args if a is not type(None) and _representable(a)]
+        if not usable:
+            raise TypeError(f"{where}: no member of {annotation} can be written in a Hydra config.")
+        inner = _schema_type(usable[0], where)
+        return typing.Optional[inner] if optional else inner  # noqa: UP045 (a runtime type object)
+    if origin is tuple:
+        items = {a for a in args if a is not Ellipsis}
+        if len(items) == 1:
+            return list[_schema_type(items.pop(), where)]  # type: ignore[misc]
+    if origin in (dict, Mapping) or (
+        origin is not None and isinstance(origin, type) and issubclass(origin, Mapping)
+    ):
+        key, value = args
+        return dict[_schema_type(key, where), _schema_type(value, where)]  # type: ignore[misc]
+    if annotation is Path or annotation is os.PathLike or origin is os.PathLike:
+        return str
+    raise TypeError(f"{where}: a setting of type {annotation} cannot be written in a Hydra config.")
+
+
+def _representable(annotation: Any) -> bool:
+    try:
+        _schema_type(annotation, "")
+    except TypeError:
+        return False
+    return True
+
+
+@settings_schema(QuantizationConfig, QLoRAPrecision)
 @dataclass
 class PrecisionConf:
-    """`lightning_qlora.QLoRAPrecision`: how the frozen base is stored (paper: NF4, blocksize 64, DQ)."""
+    """`lightning_qlora.QLoRAPrecision`: how the frozen base is stored (paper: NF4, blocksize 64, DQ).
+
+    The keys and defaults are those of `QuantizationConfig` and the plugin's own arguments.
+    """
 
     _target_: str = "lightning_qlora.QLoRAPrecision"
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
-    compute_dtype: str = "auto"
-    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
-    log_report: bool = True
 
 
+@settings_schema(LoRAConfig, LoRA)
 @dataclass
 class LoRAConf:
-    """`lightning_qlora.LoRA` callback: adapter rank and placement (paper: r=64, alpha=16, dropout 0.1)."""
+    """`lightning_qlora.LoRA` callback: adapter rank and placement (paper: r=64, alpha=16, dropout 0.1).
+
+    The keys and defaults are those of `LoRAConfig` and the callback's own arguments, but for `export_dir`:
+    the command writes the adapters into the run's folder.
+    """
 
     _target_: str = "lightning_qlora.LoRA"
-    r: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: list[str] | None = None
-    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    use_rslora: bool = False
-    modules_to_save: list[str] = field(default_factory=list)
-    adapter_dtype: str = "float32"
     export_dir: str | None = "${paths.output_dir}/adapter"
-    export_module: str | None = None
-    adapter_only_checkpoints: bool = True
 
 
+@settings_schema(OptimizerConfig)
 @dataclass
 class OptimizerConf:
     """`lightning_qlora.strategies.OptimizerConfig`, handed to the strategy (paper: paged AdamW, 2e-4)."""
 
     _target_: str = "lightning_qlora.strategies.OptimizerConfig"
     _convert_: str = "all"  # plain lists and dicts, not OmegaConf containers, reach the dataclass
-    name: str = "paged_adamw"
-    lr: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    scheduler: str = "constant"
-    warmup_steps: int | None = None  # exclusive with warmup_ratio
-    warmup_ratio: float | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_qlora._logging import rank_zero_info, rank_zero_warn
 from lightning_qlora._rng import capture_rng_state, restore_rng_state
+from lightning_qlora._settings import SettingTypeError, check_bool, config_from, signature_with_fields
 from lightning_qlora._train_mode import ensure_training
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
@@ -24,6 +25,9 @@ from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_tra
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE
 from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linear_layers
+from lightning_qlora.strategies.support import require_supported_strategy
+
+_OWN_ARGUMENTS = ("export_dir", "export_module", "adapter_only_checkpoints", "max_skipped_steps")
 
 
 class LoRA(Callback):
@@ -34,62 +38,51 @@ class LoRA(Callback):
     active hold the trainable weights and the training state, not the frozen base.
 
     Args:
-        r, alpha, dropout: adapter rank, scale numerator (update scaled by alpha / r) and input dropout.
-        target_modules: module-name patterns to adapt; None adapts every linear layer.
-        exclude: patterns never adapted; the LM head (`lm_head`) by default.
-        rank_pattern, alpha_pattern: per-pattern overrides of r and alpha.
-        use_rslora: scale by alpha / sqrt(r).
-        modules_to_save: patterns of modules trained fully in full precision (a classifier head, say).
-        adapter_dtype: dtype of A and B ("float32" by default).
+        config: the adapters' settings (`LoRAConfig`); its defaults are the QLoRA paper's (r=64, alpha=16,
+            dropout 0.1, every linear layer but the LM head).
         export_dir: if set, the adapters are written there in PEFT's format when fit ends (rank 0 only).
         export_module: attribute of the LightningModule that is the base model PEFT would wrap; by default
             its `model` attribute if there is one, else the LightningModule itself; "." names the
             LightningModule (for a head that lives outside `model`, so it is exported too).
         adapter_only_checkpoints: drop the frozen base from Lightning checkpoints.
-        max_skipped_steps: optimizer steps with a non-finite loss or gradient that are skipped (update
-            dropped) before training stops with a `DivergenceError` naming the step; 0 stops at the first.
-            Non-finite weights are never checkpointed or exported.
+        max_skipped_steps: optimizer steps with a NaN/inf loss or gradient that may be skipped before
+            training stops with a `DivergenceError` (0, the default: stop at the first).
+        **kwargs: fields of `LoRAConfig` (`r`, `alpha`, `dropout`, `target_modules`, `exclude`,
+            `rank_pattern`, `alpha_pattern`, `use_rslora`, `modules_to_save`, `adapter_dtype`), a shorthand:
+            `LoRA(r=8)` is `LoRA(LoRAConfig(r=8))`; given with `config`, they replace its fields.
     """
 
     def __init__(
         self,
-        r: int = 64,
-        alpha: float = 16.0,
-        dropout: float = 0.1,
-        target_modules: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str | None = DEFAULT_EXCLUDE,
-        rank_pattern: Mapping[str, int] | None = None,
-        alpha_pattern: Mapping[str, float] | None = None,
-        use_rslora: bool = False,
-        modules_to_save: Sequence[str] | str = (),
-        adapter_dtype: str = "float32",
-        export_dir: str | Path | None = None,
+        config: LoRAConfig | None = None,
+        *,
+        export_dir: str | os.PathLike[str] | None = None,
         export_module: str | None = None,
         adapter_only_checkpoints: bool = True,
         max_skipped_steps: int = 0,
+        **kwargs: Any,
     ) -> None:
-        self.config = LoRAConfig(
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            target_modules=target_modules,  # type: ignore[arg-type]
-            exclude=exclude if exclude is not None else (),  # type: ignore[arg-type]
-            rank_pattern=dict(rank_pattern or {}),
-            alpha_pattern=dict(alpha_pattern or {}),
-            use_rslora=use_rslora,
-            modules_to_save=modules_to_save,  # type: ignore[arg-type]
-            adapter_dtype=adapter_dtype,
-        )
+        self.config = config_from(LoRAConfig, config, kwargs, "LoRA", _OWN_ARGUMENTS)
+        if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
+            raise SettingTypeError(f"LoRA export_dir must be a path or None, got {export_dir!r}.")
+        if export_module is not None and not isinstance(export_module, str):
+            raise SettingTypeError(
+                f"LoRA export_module must be an attribute name, '.' or None, got {export_module!r}."
+            )
         self._check_exclude = tuple(self.config.exclude) != DEFAULT_EXCLUDE
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.export_module = export_module
-        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.adapter_only_checkpoints = check_bool(
+            "LoRA", "adapter_only_checkpoints", adapter_only_checkpoints
+        )
         self.adapted: list[str] = []
         self._original_configure_model: Any = None
+        self._patched_module: pl.LightningModule | None = None
         self.guard = NonFiniteGuard(max_skipped_steps)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_supported_strategy(trainer.strategy, "LoRA")
         if is_overridden("configure_model", pl_module):
             self._inject_after_configure_model(pl_module)
         if any(True for _ in iter_linear_layers(pl_module)):
@@ -125,13 +118,27 @@ class LoRA(Callback):
             self.inject(pl_module)
 
         self._original_configure_model = original
+        self._patched_module = pl_module
         pl_module.configure_model = configure_model_then_inject  # type: ignore[method-assign]
+
+    def _restore_configure_model(self) -> None:
+        """Give the module its own `configure_model` back; safe to call twice, or with nothing patched."""
+        module = self._patched_module
+        if module is not None and "configure_model" in module.__dict__:
+            del module.configure_model  # drop the instance attribute: the class method shows through again
+        self._patched_module = None
+        self._original_configure_model = None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._original_configure_model is not None:
-            del pl_module.configure_model  # drop the instance attribute: the class method shows through again
-            self._original_configure_model = None
+        self._restore_configure_model()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Lightning skips `teardown` when a stage raises: restore the module here too."""
+        self._restore_configure_model()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -212,6 +219,9 @@ class LoRA(Callback):
             check_finite_state(trained, f"the adapters to {self.export_dir}")
             path = save_peft_adapter(root, self.export_dir, self.config)
             rank_zero_info(f"LoRA: adapters written in PEFT format to {path}")
+
+
+LoRA.__signature__ = signature_with_fields(LoRA.__init__, LoRAConfig)  # type: ignore[attr-defined]
 
 
 def export_root(pl_module: nn.Module, attribute: str | None = None) -> nn.Module:

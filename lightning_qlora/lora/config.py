@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from lightning_qlora._settings import (
+    SettingTypeError,
+    check_bool,
+    check_mapping,
+    check_number,
+    check_patterns,
+)
 from lightning_qlora.quantization.config import COMPUTE_DTYPES, DEFAULT_EXCLUDE
+
+OWNER = "LoRA"
+# dtypes the A and B matrices may have (the names QuantizationConfig's compute_dtype takes, less "auto").
+ADAPTER_DTYPES: tuple[str, ...] = tuple(name for name in COMPUTE_DTYPES if name != "auto")
 
 
 @dataclass(frozen=True)
@@ -45,18 +56,23 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
-        if isinstance(self.dropout, bool) or not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}.")
-        for pattern, rank in self.rank_pattern.items():
+        check_number(OWNER, "dropout", self.dropout, minimum=0.0, maximum=1.0, max_open=True)
+        for pattern, rank in check_mapping(OWNER, "rank_pattern", self.rank_pattern).items():
             _check_rank(f"rank_pattern[{pattern!r}]", rank)
-        for pattern, alpha in self.alpha_pattern.items():
+        for pattern, alpha in check_mapping(OWNER, "alpha_pattern", self.alpha_pattern).items():
             _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
-        if self.adapter_dtype not in COMPUTE_DTYPES or self.adapter_dtype == "auto":
-            allowed = ", ".join(k for k in COMPUTE_DTYPES if k != "auto")
+        check_bool(OWNER, "use_rslora", self.use_rslora)
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            allowed = ", ".join(ADAPTER_DTYPES)
             raise ValueError(f"Unknown adapter_dtype {self.adapter_dtype!r}; allowed: {allowed}.")
-        object.__setattr__(self, "target_modules", _patterns_or_none(self.target_modules))
-        object.__setattr__(self, "exclude", _patterns_or_none(self.exclude) or ())
-        object.__setattr__(self, "modules_to_save", _patterns_or_none(self.modules_to_save) or ())
+        target_modules = self.target_modules
+        if target_modules is not None:
+            target_modules = check_patterns(OWNER, "target_modules", target_modules)
+        object.__setattr__(self, "target_modules", target_modules)
+        object.__setattr__(self, "exclude", check_patterns(OWNER, "exclude", self.exclude))
+        object.__setattr__(
+            self, "modules_to_save", check_patterns(OWNER, "modules_to_save", self.modules_to_save)
+        )
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
 
@@ -71,18 +87,20 @@ class LoRAConfig:
 
 
 def _check_rank(what: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingTypeError(
+            f"LoRA {what} must be a positive integer, got {value!r} ({type(value).__name__})."
+        )
+    if value <= 0:
         raise ValueError(f"LoRA {what} must be a positive integer, got {value!r}.")
 
 
 def _check_alpha(what: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingTypeError(
+            f"LoRA {what} must be a positive number, got {value!r} ({type(value).__name__})."
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"LoRA {what} must be a finite positive number, got {value!r}.")
+    if not value > 0:
         raise ValueError(f"LoRA {what} must be a positive number, got {value!r}.")
-
-
-def _patterns_or_none(patterns: Sequence[str] | str | None) -> tuple[str, ...] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return (patterns,)
-    return tuple(str(p) for p in patterns)

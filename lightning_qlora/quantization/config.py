@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from lightning_qlora._settings import check_bool, check_int, check_patterns
 from lightning_qlora.quantization.backends import DEFAULT_BACKEND, check_backend_name
 
+OWNER = "QLoRAPrecision"
 QuantType = Literal["nf4", "fp4"]
 ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -57,24 +58,24 @@ class QuantizationConfig:
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"Unknown quant_type {self.quant_type!r}; allowed: {', '.join(QUANT_TYPES)}.")
-        if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
+        check_int(OWNER, "blocksize", self.blocksize)
+        if self.blocksize not in BLOCKSIZES:
             raise ValueError(
                 f"Unsupported blocksize {self.blocksize!r}; allowed: {', '.join(map(str, BLOCKSIZES))}."
             )
-        if not isinstance(self.compute_dtype, torch.dtype) and self.compute_dtype not in COMPUTE_DTYPES:
+        check_bool(OWNER, "double_quant", self.double_quant)
+        if isinstance(self.compute_dtype, torch.dtype):
+            if not self.compute_dtype.is_floating_point:
+                raise ValueError(f"compute_dtype must be a floating dtype, got {self.compute_dtype}.")
+            if self.compute_dtype not in COMPUTE_DTYPES.values():
+                raise ValueError(
+                    f"Unsupported compute_dtype {self.compute_dtype}: bitsandbytes' 4-bit matmul computes in "
+                    "torch.float32, torch.bfloat16 or torch.float16."
+                )
+        elif not isinstance(self.compute_dtype, str) or self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"Unknown compute_dtype {self.compute_dtype!r}; allowed: {', '.join(COMPUTE_DTYPES)}"
-                " or a torch.dtype."
+                " or one of torch.float32, torch.bfloat16, torch.float16."
             )
-        if isinstance(self.compute_dtype, torch.dtype) and not self.compute_dtype.is_floating_point:
-            raise ValueError(f"compute_dtype must be a floating dtype, got {self.compute_dtype}.")
         check_backend_name(self.backend)
-        object.__setattr__(self, "exclude", _as_patterns(self.exclude))
-
-
-def _as_patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...]:
-    if patterns is None:
-        return ()
-    if isinstance(patterns, str):
-        return (patterns,)
-    return tuple(str(p) for p in patterns)
+        object.__setattr__(self, "exclude", check_patterns(OWNER, "exclude", self.exclude))

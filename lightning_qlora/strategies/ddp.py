@@ -18,8 +18,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_qlora._settings import check_bool
 from lightning_qlora.strategies.hook import ActivationCheckpointing, _PagedOptimizerMixin
-from lightning_qlora.strategies.optim import OptimizerConfig
+from lightning_qlora.strategies.optim import OPTIMIZER_FIELDS, OptimizerConfig
 
 
 class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
@@ -31,7 +32,8 @@ class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
     Checkpoints and adapter exports are written by rank 0 only.
 
     Args:
-        optimizer, force_optimizer, max_grad_norm, activation_checkpointing: as for `QLoRAStrategy`.
+        optimizer, force_optimizer, max_grad_norm, activation_checkpointing: as for `QLoRAStrategy`; fields
+            of `OptimizerConfig` given as keywords (`lr=1e-3`) are built into it as there.
         find_unused_parameters: DDP's; False (the default) is right when every adapter takes part in each
             step's loss. Set True (or use "qlora_ddp_find_unused_parameters_true") for models that skip
             branches.
@@ -39,10 +41,10 @@ class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
             frozen base (rotary tables, masks) are constants, already equal on all ranks after DDP's initial
             sync. Turn it on for trained buffers such as BatchNorm statistics in `modules_to_save`.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
-        process_group_backend, timeout, start_method, **kwargs: as for Lightning's `DDPStrategy`; other
-            keyword arguments go to `DistributedDataParallel`. With a start_method other than "popen" the
-            module in the launching process does not get the adapters back (a warning says so), which is
-            why no "qlora_ddp_spawn" name is registered.
+        process_group_backend, timeout, start_method, **kwargs: as for Lightning's `DDPStrategy`; keyword
+            arguments that are not `OptimizerConfig` fields go to `DistributedDataParallel`. With a
+            start_method other than "popen" the module in the launching process does not get the adapters
+            back (a warning says so), which is why no "qlora_ddp_spawn" name is registered.
     """
 
     strategy_name = "qlora_ddp"
@@ -65,6 +67,9 @@ class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
+        optimizer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIMIZER_FIELDS}
+        check_bool("QLoRADDPStrategy", "find_unused_parameters", find_unused_parameters)
+        check_bool("QLoRADDPStrategy", "broadcast_buffers", broadcast_buffers)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -77,7 +82,9 @@ class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
             find_unused_parameters=find_unused_parameters,
             **_buffer_sync_kwargs(broadcast_buffers, kwargs),
         )
-        self._init_qlora(optimizer, force_optimizer, max_grad_norm, activation_checkpointing)
+        self._init_qlora(
+            optimizer, optimizer_kwargs, force_optimizer, max_grad_norm, activation_checkpointing
+        )
         if start_method != "popen":
             rank_zero_warn(
                 f"QLoRADDPStrategy(start_method={start_method!r}): the LightningModule in the launching "
@@ -89,6 +96,7 @@ class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         """Point at this strategy's names, not at plain "ddp" (which would drop the QLoRA recipe)."""
+        super().on_exception(exception)
         _augment_message(
             exception,
             pattern=".*Expected to have finished reduction in the prior iteration.*",

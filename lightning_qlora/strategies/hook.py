@@ -8,9 +8,10 @@ reached its device, and before the precision plugin connects the optimizers. No 
 from __future__ import annotations
 
 import functools
-import types
+import inspect
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,6 +28,7 @@ from typing_extensions import override
 
 from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._names import describe_names
+from lightning_qlora._settings import check_bool, check_number, config_from
 from lightning_qlora.strategies.optim import OptimizerConfig, build_optimizer, build_scheduler
 
 ActivationCheckpointing = type | str | Sequence[type | str] | None
@@ -53,21 +55,30 @@ class _PagedOptimizerMixin(Strategy):
 
     def _init_qlora(
         self,
-        optimizer: OptimizerConfig | dict[str, Any] | None,
+        optimizer: OptimizerConfig | Mapping[str, Any] | None,
+        optimizer_kwargs: Mapping[str, Any],
         force_optimizer: bool,
         max_grad_norm: float | None,
         activation_checkpointing: ActivationCheckpointing,
     ) -> None:
-        self.optimizer_config = OptimizerConfig.from_any(optimizer)
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}.")
-        self.force_optimizer = bool(force_optimizer)
+        name = type(self).__name__
+        given = OptimizerConfig.from_any(optimizer) if optimizer is not None else None
+        own = [
+            p
+            for p, spec in inspect.signature(type(self).__init__).parameters.items()
+            if p != "self" and spec.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        self.optimizer_config = config_from(OptimizerConfig, given, optimizer_kwargs, name, own)
+        if max_grad_norm is not None:
+            check_number(name, "max_grad_norm", max_grad_norm, minimum=0.0, min_open=True)
+        self.force_optimizer = check_bool(name, "force_optimizer", force_optimizer)
         self.max_grad_norm = max_grad_norm
         _check_activation_checkpointing_spec(activation_checkpointing)
         self.activation_checkpointing = activation_checkpointing
         self._checkpointed = []
         self._shimmed_module: pl.LightningModule | None = None
         self._user_configure_optimizers = False
+        self._unpaged_optimizers: list[Optimizer] = []  # built by the strategy, paged, on the CPU
 
     @override
     def connect(self, model: pl.LightningModule) -> None:
@@ -143,7 +154,7 @@ class _PagedOptimizerMixin(Strategy):
         total = trainer.estimated_stepping_batches if _needs_total_steps(config) else None
         scheduler = build_scheduler(optimizer, config, total)
         if config.is_paged and any(p.device.type == "cpu" for p in params):
-            _silence_cpu_paging_warning(optimizer)
+            self._unpaged_optimizers.append(optimizer)
             rank_zero_info(
                 f"{type(self).__name__}: the parameters are on the CPU, where bitsandbytes does not page "
                 f"optimizer state (paging is a CUDA feature); {type(optimizer).__name__} runs unpaged."
@@ -185,7 +196,11 @@ class _PagedOptimizerMixin(Strategy):
         grows the heap instead of reusing memory). A plain PyTorch loop or transformers' Trainer frees them
         right after the step; so does this. A module that overrides `optimizer_zero_grad` keeps its own.
         """
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if any(optimizer is built for built in self._unpaged_optimizers):
+            with _quiet_cpu_paging():
+                output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        else:
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
         module = self.lightning_module
         if (
             module is not None
@@ -215,13 +230,23 @@ class _PagedOptimizerMixin(Strategy):
                 f"class {', '.join(classes)}."
             )
 
-    @override
-    def teardown(self) -> None:
-        """Give the model back with its own forwards, as it came in."""
+    def _restore_module(self) -> None:
+        """Give the model back as it came in: its own forwards and `configure_optimizers`. Idempotent."""
         for sub in self._checkpointed:
             disable_activation_checkpointing(sub)
         self._checkpointed = []
         self._remove_configure_optimizers()
+        self._unpaged_optimizers = []
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """A stage raised: restore now (Lightning's teardown follows and finds nothing left to undo)."""
+        self._restore_module()
+        super().on_exception(exception)
+
+    @override
+    def teardown(self) -> None:
+        self._restore_module()
         super().teardown()
 
 
@@ -229,24 +254,17 @@ def _needs_total_steps(config: OptimizerConfig) -> bool:
     return config.scheduler != "constant" or config.warmup_ratio is not None
 
 
-def _silence_cpu_paging_warning(optimizer: Optimizer) -> None:
-    """bitsandbytes warns when it first makes state for CPU parameters; the strategy logs one line instead.
+@contextmanager
+def _quiet_cpu_paging() -> Iterator[None]:
+    """Ignore bitsandbytes' CPU paging warning inside the block; the strategy logs one line instead.
 
-    The filter is scoped to `step` (where the state is made) and to that one message; other warnings pass.
-    `step` stays a bound method carrying the original's attributes, as torch's LR schedulers expect.
+    bitsandbytes warns when its optimizer first makes state for CPU parameters, inside `step`. The filter
+    covers that one message and only while the strategy runs the step of the optimizer it built; the
+    previous filters come back when the block ends, whether it returns or raises.
     """
-    if getattr(optimizer, "_qlora_quiet_step", False):
-        return
-    step = optimizer.step
-
-    def quiet_step(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_CPU_PAGING_WARNING, category=UserWarning)
-            return step(*args, **kwargs)
-
-    functools.update_wrapper(quiet_step, step)
-    optimizer.step = types.MethodType(quiet_step, optimizer)  # type: ignore[method-assign]
-    optimizer._qlora_quiet_step = True  # type: ignore[attr-defined]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CPU_PAGING_WARNING, category=UserWarning)
+        yield
 
 
 def _check_activation_checkpointing_spec(spec: ActivationCheckpointing) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_qlora._settings import SettingTypeError, check_mapping
 
 
 def _optimizer_classes() -> dict[str, type[Optimizer]]:
@@ -75,14 +77,22 @@ class OptimizerConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
+        if not isinstance(self.name, str) or self.name not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer {self.name!r}; allowed: {', '.join(OPTIMIZERS)}.")
-        if self.scheduler not in SCHEDULERS:
+        if not isinstance(self.scheduler, str) or self.scheduler not in SCHEDULERS:
             raise ValueError(f"Unknown scheduler {self.scheduler!r}; allowed: {', '.join(SCHEDULERS)}.")
+        for name in ("lr", "eps", "weight_decay", "warmup_ratio"):
+            _check_finite(name, getattr(self, name))
         if not _is_number(self.lr) or not self.lr > 0:
             raise ValueError(f"Optimizer lr must be a positive number, got {self.lr!r}.")
-        betas = tuple(self.betas)
-        if len(betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas):
+        betas = (
+            tuple(self.betas) if isinstance(self.betas, Sequence) and not isinstance(self.betas, str) else ()
+        )
+        if len(betas) != 2 or not all(_is_number(b) for b in betas):
+            raise SettingTypeError(f"Optimizer betas must be two numbers in [0, 1), got {self.betas!r}.")
+        for beta in betas:
+            _check_finite("betas", beta)
+        if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Optimizer betas must be two numbers in [0, 1), got {self.betas!r}.")
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
         if not _is_number(self.eps) or not self.eps >= 0:
@@ -97,7 +107,7 @@ class OptimizerConfig:
         ratio = self.warmup_ratio
         if ratio is not None and not (_is_number(ratio) and 0 <= ratio < 1):
             raise ValueError(f"warmup_ratio must be a number in [0, 1), got {self.warmup_ratio!r}.")
-        object.__setattr__(self, "kwargs", dict(self.kwargs))
+        object.__setattr__(self, "kwargs", check_mapping("Optimizer", "kwargs", self.kwargs))
         self._check_kwargs()
 
     @classmethod
@@ -157,6 +167,9 @@ class OptimizerConfig:
                 f"{cls.__module__}.{cls.__qualname__} (optimizer {self.name!r}) takes no argument(s) "
                 f"{unknown}; allowed kwargs: {', '.join(allowed) or '(none)'}."
             )
+
+
+OPTIMIZER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OptimizerConfig))
 
 
 def build_optimizer(
@@ -234,3 +247,9 @@ def build_scheduler(
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_finite(name: str, value: object) -> None:
+    """inf and NaN pass comparisons such as `lr > 0` (inf) or fail them silently (NaN); refuse both."""
+    if _is_number(value) and not math.isfinite(value):  # type: ignore[arg-type]
+        raise ValueError(f"Optimizer {name} must be a finite number, got {value!r}.")

@@ -34,6 +34,10 @@ class QLoRAStrategy(_PagedOptimizerMixin, SingleDeviceStrategy):
             backward, e.g. the transformer block class.
         device: the device to train on; None means the Trainer's (its accelerator and `devices`).
         accelerator, checkpoint_io, precision_plugin: as for Lightning's `SingleDeviceStrategy`.
+        **optimizer_kwargs: fields of `OptimizerConfig` (`lr`, `name`, `betas`, `eps`, `weight_decay`,
+            `scheduler`, `warmup_steps`, `warmup_ratio`, `kwargs`), a shorthand: `QLoRAStrategy(lr=1e-3)` is
+            `QLoRAStrategy(optimizer=OptimizerConfig(lr=1e-3))`; given with `optimizer`, they replace its
+            fields.
     """
 
     strategy_name = "qlora"
@@ -48,6 +52,7 @@ class QLoRAStrategy(_PagedOptimizerMixin, SingleDeviceStrategy):
         accelerator: pl.accelerators.Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
+        **optimizer_kwargs: Any,
     ) -> None:
         super().__init__(
             device=device if device is not None else "cpu",
@@ -58,7 +63,9 @@ class QLoRAStrategy(_PagedOptimizerMixin, SingleDeviceStrategy):
         self._device_given = device is not None
         self._auto_device: tuple[pl.accelerators.Accelerator, torch.device] | None = None
         self._trainer_device: torch.device | None = None  # device=None: the one the Trainer was given
-        self._init_qlora(optimizer, force_optimizer, max_grad_norm, activation_checkpointing)
+        self._init_qlora(
+            optimizer, optimizer_kwargs, force_optimizer, max_grad_norm, activation_checkpointing
+        )
 
     @property
     @override

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_qlora import LoRA, QLoRAPrecision
+from lightning_qlora import LoRA, LoRAConfig, QLoRAPrecision, QuantizationConfig
 from lightning_qlora.cli import BASE_CONFIG_NAME, LoRAConf, OptimizerConf, PrecisionConf, TrainConfig
 from lightning_qlora.strategies import OptimizerConfig
 
@@ -95,6 +96,44 @@ def test_the_schema_is_registered() -> None:
     [(LoRAConf, LoRA), (PrecisionConf, QLoRAPrecision), (OptimizerConf, OptimizerConfig)],
 )
 def test_the_schema_mirrors_the_constructor(schema: type, target: type) -> None:
-    """Every constructor argument is settable from the command line, and nothing else is."""
+    """Every constructor argument is settable from the command line, and nothing else is.
+
+    (`config`, the settings object itself, is what the other keys build.)
+    """
     keys = {k for k in OmegaConf.structured(schema) if not str(k).startswith("_")}
-    assert keys == set(inspect.signature(target).parameters)
+    assert keys == set(inspect.signature(target).parameters) - {"config"}
+
+
+@pytest.mark.parametrize(
+    ("schema", "settings"),
+    [(LoRAConf, LoRAConfig), (PrecisionConf, QuantizationConfig), (OptimizerConf, OptimizerConfig)],
+)
+def test_the_schema_takes_its_defaults_from_the_settings_dataclass(schema: type, settings: type) -> None:
+    """One source of defaults: the schema's are the dataclass's (tuples written as lists)."""
+    node = OmegaConf.to_container(OmegaConf.structured(schema))
+    assert isinstance(node, dict)
+    for f in dataclasses.fields(settings):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        expected = list(default) if isinstance(default, tuple) else default
+        assert node[f.name] == expected, f.name
+
+
+def test_yaml_variants_restate_nothing(compose_train: Compose) -> None:
+    """A variant starts from its group's default option and sets only the keys that differ."""
+    small = compose_train("lora=small", "~experiment").lora
+    default = compose_train("lora=default", "~experiment").lora
+    assert {k for k in default if default[k] != small[k]} == {"r"}
+    from lightning_qlora.cli import conf_dir
+
+    variants = {
+        "lora/small.yaml": {"r"},
+        "precision/nf4.yaml": {"double_quant"},
+        "precision/fp4.yaml": {"quant_type"},
+    }
+    variants |= {"optimizer/adamw.yaml": {"name"}, "optimizer/paged_adamw_8bit.yaml": {"name"}}
+    for path, keys in variants.items():
+        node = OmegaConf.load(conf_dir() / path)
+        assert set(node) - {"defaults"} == keys, path
+        assert "_self_" in node.defaults, path
+    for default in ("lora/default.yaml", "precision/nf4_dq.yaml", "optimizer/paged_adamw.yaml"):
+        assert not OmegaConf.load(conf_dir() / default), default  # comments only: the schema holds it all
