@@ -27,6 +27,7 @@ from lightning_qlora._names import describe_names, logical_name
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.inject import adapter_layers, inject_adapters
 from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.lora.peft_checks import check_adapter_tensors, check_scaling, parse_adapter_config
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
     dequantize_weight,
@@ -255,6 +256,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
     peft_config = read_adapter_config(folder)
     weights = read_adapter_weights(folder)
     lora, full = _split_keys(weights)
+    check_adapter_tensors(peft_config, lora, full, folder)  # before anything else: nothing poisons the model
     modules = _logical_modules(model)
 
     nonexistent = sorted(name for name in lora if name not in modules)
@@ -265,6 +267,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
     full = {key: value for key, value in full.items() if _find_tensor(model, modules, key) is not None}
 
     plan = _adapter_plan(peft_config, lora, folder)  # module -> (r, alpha)
+    check_scaling(plan, lora, bool(peft_config.get("use_rslora", False)), folder)
     existing = {logical_name(name): layer for name, layer in adapter_layers(model)}
     if existing:
         _check_existing(existing, lora, strict, folder)
@@ -315,7 +318,7 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a PEFT adapter folder needs {CONFIG_NAME}.")
-    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    config = parse_adapter_config(path)  # a JSON object, its fields typed, finite and in range
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(
             f"{path} describes a {config.get('peft_type')} adapter; only LORA adapters load here."
