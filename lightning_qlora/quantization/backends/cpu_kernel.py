@@ -1,0 +1,485 @@
+"""A native CPU kernel that dequantizes blockwise 4-bit weights (NF4/FP4) into a caller-owned buffer.
+
+Why: on CPU, bitsandbytes' public `dequantize_4bit` spends most of its time allocating and first touching a
+fresh full-size output and decoding a double-quantized absmax into a full-size temporary. This kernel writes
+into a reused buffer, decodes each block's scale on the fly and runs near memory speed. Its output is
+bit-identical to bitsandbytes' reference arithmetic (see `dequant4bit.c` for the exact formula).
+
+The C source beside this module is compiled once with the system C compiler (``$LIGHTNING_QLORA_CC``, else
+``$CC``, else ``cc``/``gcc``/``clang``) and loaded with ctypes; no torch headers, no ninja. The shared
+library is cached under ``$XDG_CACHE_HOME/lightning-qlora`` (default ``~/.cache/lightning-qlora``), named by
+a hash of the source, the compiler, its flags and the CPU, and written atomically, so processes building at
+the same time (DDP ranks) never load a half-written file. ``LIGHTNING_QLORA_DISABLE_KERNEL=1`` turns the
+kernel off. When it cannot be built or loaded, `kernel_available()` returns False after one log line and
+callers use bitsandbytes instead.
+
+Only plain tensors cross this module's boundary; bitsandbytes objects stay in the backend module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "COMPILER_ENV",
+    "DISABLE_ENV",
+    "KernelBuildError",
+    "dequantize_4bit_into",
+    "kernel_available",
+    "kernel_info",
+]
+
+log = logging.getLogger(__name__)
+
+DISABLE_ENV = "LIGHTNING_QLORA_DISABLE_KERNEL"
+COMPILER_ENV = "LIGHTNING_QLORA_CC"
+SOURCE = Path(__file__).with_name("dequant4bit.c")
+ABI_VERSION = 1
+BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-std=c11", "-ffp-contract=off", "-fno-fast-math")
+_OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Below this many values one thread is faster than starting others.
+_VALUES_PER_THREAD = 1 << 18
+_BUILD_TIMEOUT_S = 120
+_TRAILER_TAG = b"\0lightning-qlora-sha256:"
+
+
+class KernelBuildError(RuntimeError):
+    """The kernel could not be compiled, loaded or verified on this machine."""
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    lib: ctypes.CDLL
+    path: Path
+    simd_level: int
+    flags: tuple[str, ...]
+
+
+_lock = threading.Lock()
+_loaded: _Kernel | None = None
+_load_attempted = False
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lightning-qlora"
+
+
+def _compiler() -> str | None:
+    """The compiler to use: an explicit setting wins (and is not second-guessed), else the first found."""
+    for env in (COMPILER_ENV, "CC"):
+        value = os.environ.get(env)
+        if value:
+            return value
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the architecture and the CPU's feature flags."""
+    features = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key = line.split(":", 1)[0].strip().lower()
+            if key in ("flags", "features"):
+                features = line.split(":", 1)[1].strip()
+                break
+    return f"{platform.machine()}|{platform.processor()}|{features}"
+
+
+def _compiler_identity(cc: str) -> str:
+    try:
+        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise KernelBuildError(f"C compiler {cc!r} cannot be run: {err}") from err
+    if done.returncode != 0:
+        raise KernelBuildError(f"C compiler {cc!r} --version failed: {done.stderr.strip()[:200]}")
+    return done.stdout.strip()
+
+
+def _library_path(cache_dir: Path, cc: str, flags: tuple[str, ...]) -> Path:
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cc.encode(), _compiler_identity(cc).encode(), " ".join(flags).encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    if "-march=native" in flags:
+        digest.update(_cpu_signature().encode())
+    return cache_dir / f"dequant4bit-{digest.hexdigest()[:20]}.so"
+
+
+def _compile(cc: str, flags: tuple[str, ...], target: Path) -> None:
+    """Compile into a temp file beside `target`, then rename it into place (atomic on one filesystem)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        command = [cc, *flags, str(SOURCE), "-o", tmp_name]
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            raise KernelBuildError(f"running {cc!r} failed: {err}") from err
+        if done.returncode != 0:
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            raise KernelBuildError(f"{cc!r} failed ({done.returncode}): {' | '.join(detail[-3:])[:400]}")
+        _seal(Path(tmp_name))
+        os.chmod(tmp_name, 0o755)
+        os.replace(tmp_name, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+
+
+def _seal(path: Path) -> None:
+    """Append the library's own SHA-256 and flush it to disk.
+
+    A shared object that is cut short can crash the process inside dlopen (SIGBUS), so a file is loaded
+    only if its trailer matches its content; trailing bytes do not change how the loader maps it.
+    """
+    data = path.read_bytes()
+    with path.open("ab") as handle:
+        handle.write(_TRAILER_TAG + hashlib.sha256(data).hexdigest().encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _is_sealed(path: Path) -> bool:
+    """Whether `path` is a complete library written by `_compile` (its trailer matches its content)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    size = len(_TRAILER_TAG) + 64
+    if len(data) <= size or not data[-size:].startswith(_TRAILER_TAG):
+        return False
+    return hashlib.sha256(data[:-size]).hexdigest().encode() == data[-64:]
+
+
+def _open(path: Path, flags: tuple[str, ...]) -> _Kernel:
+    """Load a built library, declare its signature and check it on a small input against plain torch."""
+    if not _is_sealed(path):
+        raise KernelBuildError(f"{path.name} is incomplete or was not written by this module")
+    try:
+        lib = ctypes.CDLL(str(path))
+        version = lib.lq_abi_version
+        simd = lib.lq_simd_level
+        entry = lib.lq_dequantize_4bit
+    except (OSError, AttributeError) as err:
+        raise KernelBuildError(f"cannot load {path.name}: {err}") from err
+    version.restype = ctypes.c_int
+    version.argtypes = []
+    if version() != ABI_VERSION:
+        raise KernelBuildError(f"{path.name} has ABI {version()}, expected {ABI_VERSION}")
+    simd.restype = ctypes.c_int
+    simd.argtypes = []
+    entry.restype = ctypes.c_int
+    entry.argtypes = [
+        ctypes.c_void_p,  # packed
+        ctypes.c_void_p,  # code
+        ctypes.c_void_p,  # absmax (float32) or NULL
+        ctypes.c_void_p,  # absmax (uint8, double quant) or NULL
+        ctypes.c_void_p,  # nested code
+        ctypes.c_void_p,  # nested absmax
+        ctypes.c_longlong,  # nested blocksize
+        ctypes.c_float,  # offset
+        ctypes.c_longlong,  # blocksize
+        ctypes.c_longlong,  # number of values
+        ctypes.c_void_p,  # out
+        ctypes.c_int,  # output kind
+        ctypes.c_int,  # threads
+    ]
+    kernel = _Kernel(lib=lib, path=path, simd_level=simd(), flags=flags)
+    _self_check(kernel)
+    return kernel
+
+
+def _reference(
+    packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """bitsandbytes' reference arithmetic in plain torch (used only to check a fresh build)."""
+    idx = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[:n].long()
+    per_value = scales.repeat_interleave(blocksize)[:n]
+    return (code[idx] * per_value).to(dtype)
+
+
+def _self_check(kernel: _Kernel) -> None:
+    """Refuse a build whose output differs from the reference (a miscompile, a fused multiply-add)."""
+    gen = torch.Generator().manual_seed(1234)
+    n, blocksize, nested_blocksize = 999, 64, 4
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=gen)
+    code = torch.randn(16, generator=gen)
+    nblocks = -(-n // blocksize)
+    absmax_q = torch.randint(0, 256, (nblocks,), dtype=torch.uint8, generator=gen)
+    nested_code = torch.randn(256, generator=gen)
+    nested_absmax = torch.rand(-(-nblocks // nested_blocksize), generator=gen) + 0.5
+    offset = 0.3
+    scales = nested_code[absmax_q.long()] * nested_absmax.repeat_interleave(nested_blocksize)[:nblocks]
+    scales = scales + torch.tensor(offset, dtype=torch.float32)
+    for dtype in _OUT_KINDS:
+        out = torch.empty(n, dtype=dtype)
+        _call(
+            kernel,
+            packed,
+            code,
+            None,
+            absmax_q,
+            nested_code,
+            nested_absmax,
+            nested_blocksize,
+            offset,
+            blocksize,
+            n,
+            out,
+            2,
+        )
+        expected = _reference(packed, code, scales, blocksize, n, dtype)
+        if not torch.equal(_bits(out), _bits(expected)):
+            raise KernelBuildError(f"{kernel.path.name} failed its self-check for {dtype}")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def build_kernel(
+    cache_dir: Path | None = None, cc: str | None = None, extra_flags: tuple[str, ...] = ()
+) -> _Kernel:
+    """Build (or reuse from the cache) and load the kernel; raise KernelBuildError when that fails.
+
+    Not cached in memory: `kernel_available()` is the cached entry point. A cached library that fails to
+    load or to pass the self-check (a truncated or foreign file) is rebuilt once.
+    """
+    cache_dir = _cache_dir() if cache_dir is None else Path(cache_dir)
+    cc = _compiler() if cc is None else cc
+    if cc is None:
+        raise KernelBuildError("no C compiler found (set LIGHTNING_QLORA_CC or CC, or install gcc)")
+    attempts: list[tuple[str, ...]] = []
+    if not any(flag.startswith(("-march=", "-mcpu=")) for flag in extra_flags):
+        attempts.append((*BASE_FLAGS, "-march=native", *extra_flags))
+    attempts.append((*BASE_FLAGS, *extra_flags))
+    errors: list[str] = []
+    for flags in attempts:
+        try:
+            path = _library_path(cache_dir, cc, flags)
+            if path.exists():
+                try:
+                    return _open(path, flags)
+                except KernelBuildError as err:
+                    log.debug("lightning-qlora: rebuilding the cached kernel %s (%s)", path.name, err)
+            _compile(cc, flags, path)
+            return _open(path, flags)
+        except (KernelBuildError, OSError) as err:
+            errors.append(str(err))
+    raise KernelBuildError("; ".join(errors))
+
+
+def _kernel() -> _Kernel | None:
+    global _loaded, _load_attempted
+    if _load_attempted:
+        return _loaded
+    with _lock:
+        if not _load_attempted:
+            _loaded = _try_load()
+            _load_attempted = True
+    return _loaded
+
+
+def _try_load() -> _Kernel | None:
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        log.info(
+            "lightning-qlora: native CPU dequantization kernel disabled by %s; using bitsandbytes'.",
+            DISABLE_ENV,
+        )
+        return None
+    try:
+        return build_kernel()
+    except (KernelBuildError, OSError) as err:
+        log.warning(
+            "lightning-qlora: native CPU dequantization kernel unavailable (%s); using bitsandbytes'.", err
+        )
+        return None
+
+
+def kernel_available() -> bool:
+    """Whether the native kernel is built and loaded; builds it on first call (cached), never raises."""
+    return _kernel() is not None
+
+
+def kernel_info() -> dict[str, object] | None:
+    """Where the loaded kernel lives and which vector instructions it uses (None if unavailable)."""
+    kernel = _kernel()
+    if kernel is None:
+        return None
+    simd = {0: "portable C", 1: "AVX2", 2: "AVX-512"}.get(kernel.simd_level, str(kernel.simd_level))
+    return {"path": str(kernel.path), "simd": simd, "flags": list(kernel.flags)}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_cpu_contiguous(name: str, t: torch.Tensor) -> None:
+    _require(
+        isinstance(t, torch.Tensor), f"dequantize_4bit_into: {name} must be a torch.Tensor, got {type(t)}."
+    )
+    _require(t.device.type == "cpu", f"dequantize_4bit_into: {name} must be on the CPU, got {t.device}.")
+    _require(t.is_contiguous(), f"dequantize_4bit_into: {name} must be contiguous.")
+
+
+def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> None:
+    _check_cpu_contiguous(name, t)
+    _require(t.dtype == dtype, f"dequantize_4bit_into: {name} must be {dtype}, got {t.dtype}.")
+    _require(t.numel() == numel, f"dequantize_4bit_into: {name} must have {numel} elements, got {t.numel()}.")
+
+
+def dequantize_4bit_into(
+    packed: torch.Tensor,
+    code: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    out: torch.Tensor,
+    nested_code: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+    offset: float = 0.0,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Dequantize blockwise 4-bit values into `out` (float32, bfloat16 or float16) and return `out`.
+
+    `packed` holds two values per byte, the first in the high nibble (bitsandbytes' order); `code` is the
+    16-value code book (NF4 or FP4); `absmax` one float32 scale per block of `blocksize` values, or, when
+    double-quantized, one uint8 per block decoded as ``nested_code[q] * nested_absmax[b // nested_blocksize]
+    + offset``. `out.numel()` is the number of values; its shape is the caller's. `num_threads` defaults to
+    ``torch.get_num_threads()`` (small tensors use one). Every argument is checked before memory is touched.
+    Raises RuntimeError if the kernel is unavailable (check `kernel_available()` first).
+    """
+    _check_cpu_contiguous("out", out)
+    _require(
+        out.dtype in _OUT_KINDS,
+        f"dequantize_4bit_into: out must be float32, bfloat16 or float16, got {out.dtype}.",
+    )
+    _require(
+        isinstance(blocksize, int)
+        and not isinstance(blocksize, bool)
+        and blocksize > 0
+        and blocksize % 2 == 0,
+        f"dequantize_4bit_into: blocksize must be a positive even integer, got {blocksize!r}.",
+    )
+    n = out.numel()
+    nblocks = -(-n // blocksize)
+    _check_tensor("packed", packed, torch.uint8, (n + 1) // 2)
+    _check_tensor("code", code, torch.float32, 16)
+    nested = nested_code is not None or nested_absmax is not None
+    if nested:
+        _require(
+            nested_code is not None and nested_absmax is not None,
+            "dequantize_4bit_into: double quantization needs both nested_code and nested_absmax.",
+        )
+        assert nested_code is not None and nested_absmax is not None
+        _require(
+            isinstance(nested_blocksize, int)
+            and not isinstance(nested_blocksize, bool)
+            and nested_blocksize > 0,
+            f"dequantize_4bit_into: nested_blocksize must be a positive integer, got {nested_blocksize!r}.",
+        )
+        _check_tensor("absmax", absmax, torch.uint8, nblocks)
+        _check_tensor("nested_code", nested_code, torch.float32, 256)
+        _check_tensor("nested_absmax", nested_absmax, torch.float32, -(-nblocks // nested_blocksize))
+    else:
+        _require(
+            not (isinstance(absmax, torch.Tensor) and absmax.dtype == torch.uint8),
+            "dequantize_4bit_into: a uint8 (double-quantized) absmax needs nested_code and nested_absmax.",
+        )
+        _check_tensor("absmax", absmax, torch.float32, nblocks)
+    _require(
+        isinstance(offset, (int, float)) and not isinstance(offset, bool),
+        f"dequantize_4bit_into: offset must be a float, got {offset!r}.",
+    )
+    threads = torch.get_num_threads() if num_threads is None else num_threads
+    _require(
+        isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1,
+        f"dequantize_4bit_into: num_threads must be a positive integer, got {num_threads!r}.",
+    )
+    kernel = _kernel()
+    if n == 0:
+        return out
+    if kernel is None:
+        raise RuntimeError(
+            "dequantize_4bit_into: the native kernel is unavailable here; "
+            "check kernel_available() and use bitsandbytes instead."
+        )
+    threads = max(1, min(threads, n // _VALUES_PER_THREAD))
+    if nested:
+        _call(
+            kernel,
+            packed,
+            code,
+            None,
+            absmax,
+            nested_code,
+            nested_absmax,
+            nested_blocksize,
+            float(offset),
+            blocksize,
+            n,
+            out,
+            threads,
+        )
+    else:
+        _call(kernel, packed, code, absmax, None, None, None, 1, 0.0, blocksize, n, out, threads)
+    return out
+
+
+def _call(
+    kernel: _Kernel,
+    packed: torch.Tensor,
+    code: torch.Tensor,
+    absmax_f32: torch.Tensor | None,
+    absmax_u8: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_blocksize: int,
+    offset: float,
+    blocksize: int,
+    n: int,
+    out: torch.Tensor,
+    threads: int,
+) -> None:
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    status = kernel.lib.lq_dequantize_4bit(
+        ptr(packed),
+        ptr(code),
+        ptr(absmax_f32),
+        ptr(absmax_u8),
+        ptr(nested_code),
+        ptr(nested_absmax),
+        nested_blocksize,
+        offset,
+        blocksize,
+        n,
+        ptr(out),
+        _OUT_KINDS[out.dtype],
+        threads,
+    )
+    if status != 0:
+        raise RuntimeError(f"dequantize_4bit_into: the kernel refused its arguments (status {status}).")

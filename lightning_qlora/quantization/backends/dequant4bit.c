@@ -1,0 +1,341 @@
+/*
+ * Blockwise 4-bit (NF4/FP4) dequantization into a caller-owned buffer, for the CPU compute path.
+ *
+ * Why a kernel of our own: bitsandbytes' public CPU function allocates a fresh output per call and decodes
+ * a double-quantized absmax into a full-size temporary; that allocation, not the arithmetic, is most of
+ * the time. This kernel writes into `out`, decodes each block's scale on the fly, and splits the blocks
+ * over a few threads.
+ *
+ * Arithmetic (kept identical to bitsandbytes' reference path, value for value):
+ *   scale_b = absmax[b]                                    (float32 absmax)
+ *   scale_b = nested_code[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset
+ *                                                          (double quant: a float32 product, then a float32 sum)
+ *   out[i]  = convert(code[nibble_i] * scale_b)            (float32 product, rounded once to the output type)
+ * Values are packed two per byte, the first in the high nibble; blocks run over the flat index
+ * (b = i / blocksize), as quantize_4bit lays them out. Each block first builds a 16-entry table of its
+ * final output values (the same product and rounding as per element), then the bytes are expanded through
+ * that table, with AVX-512 or AVX2 permutes where the compiler targets them. Build with
+ * -ffp-contract=off: a fused multiply-add would change the scale's rounding.
+ *
+ * No global state: every call works on its arguments only, so concurrent calls are safe.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(LQ_NO_SIMD)
+#include <immintrin.h>
+#define LQ_AVX512 1
+#elif defined(__AVX2__) && !defined(LQ_NO_SIMD)
+#include <immintrin.h>
+#define LQ_AVX2 1
+#endif
+
+#define LQ_ABI_VERSION 1
+#define LQ_MAX_THREADS 256
+
+enum { LQ_OUT_F32 = 0, LQ_OUT_BF16 = 1, LQ_OUT_F16 = 2 };
+
+int lq_abi_version(void) { return LQ_ABI_VERSION; }
+
+/* Which inner loop this build uses: 0 portable C, 1 AVX2, 2 AVX-512 (reported in logs and benchmarks). */
+int lq_simd_level(void) {
+#if defined(LQ_AVX512)
+    return 2;
+#elif defined(LQ_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float bits_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, as torch's float -> bfloat16 (NaN becomes the canonical quiet NaN 0x7FC0). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
+        return 0x7FC0;
+    }
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Round to nearest even with subnormals, as torch's float -> float16 (the FP16 library's algorithm). */
+static inline uint16_t f32_to_f16(float f) {
+    const float scale_to_inf = bits_f32(0x77800000u);  /* 2^112 */
+    const float scale_to_zero = bits_f32(0x08800000u); /* 2^-110 */
+    float base = (bits_f32(f32_bits(f) & 0x7FFFFFFFu) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) {
+        bias = 0x71000000u;
+    }
+    base = bits_f32((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+typedef struct {
+    const uint8_t* packed;
+    const float* code;
+    const float* absmax_f32;   /* NULL when double-quantized */
+    const uint8_t* absmax_u8;  /* NULL unless double-quantized */
+    const float* nested_code;
+    const float* nested_absmax;
+    long long nested_blocksize;
+    float offset;
+    long long blocksize;
+    long long n;
+    void* out;
+    int out_kind;
+    long long block_begin;
+    long long block_end;
+} lq_job;
+
+static inline float block_scale(const lq_job* job, long long b) {
+    if (job->absmax_f32 != NULL) {
+        return job->absmax_f32[b];
+    }
+    /* Two statements: a float32 product rounded first, then the float32 sum (no fused multiply-add). */
+    volatile float product = job->nested_code[job->absmax_u8[b]] * job->nested_absmax[b / job->nested_blocksize];
+    return product + job->offset;
+}
+
+/* The 16 final values of one block, as raw bits: 32-bit entries for float32 output, 16-bit otherwise. */
+static inline void build_table32(const float* code, float scale, uint32_t* table) {
+    for (int j = 0; j < 16; ++j) {
+        table[j] = f32_bits(code[j] * scale);
+    }
+}
+
+static inline void build_table16(const float* code, float scale, int kind, uint16_t* table) {
+    for (int j = 0; j < 16; ++j) {
+        const float v = code[j] * scale;
+        table[j] = kind == LQ_OUT_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+    }
+}
+
+/* Expand `nbytes` packed bytes into 2 * nbytes 32-bit values through a 16-entry table. */
+static void expand32(const uint8_t* a, const uint32_t* table, uint32_t* o, long long nbytes) {
+    long long i = 0;
+#if defined(LQ_AVX512)
+    const __m512i tab = _mm512_loadu_si512((const void*)table);
+    const __m128i mask4 = _mm_set1_epi8(0x0F);
+    for (; i + 16 <= nbytes; i += 16) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+        const __m128i lo = _mm_and_si128(raw, mask4);
+        const __m512i idx0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+        const __m512i idx1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));
+        _mm512_storeu_si512((void*)(o + 2 * i), _mm512_permutexvar_epi32(idx0, tab));
+        _mm512_storeu_si512((void*)(o + 2 * i + 16), _mm512_permutexvar_epi32(idx1, tab));
+    }
+#elif defined(LQ_AVX2)
+    const __m256i tab_lo = _mm256_loadu_si256((const __m256i*)table);
+    const __m256i tab_hi = _mm256_loadu_si256((const __m256i*)(table + 8));
+    const __m128i mask4 = _mm_set1_epi8(0x0F);
+    for (; i + 16 <= nbytes; i += 16) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+        const __m128i lo = _mm_and_si128(raw, mask4);
+        const __m128i n0 = _mm_unpacklo_epi8(hi, lo);
+        const __m128i n1 = _mm_unpackhi_epi8(hi, lo);
+        const __m128i parts[4] = {n0, _mm_srli_si128(n0, 8), n1, _mm_srli_si128(n1, 8)};
+        for (int p = 0; p < 4; ++p) {
+            const __m256i idx = _mm256_cvtepu8_epi32(parts[p]);
+            const __m256i from_lo = _mm256_permutevar8x32_epi32(tab_lo, idx);
+            const __m256i from_hi = _mm256_permutevar8x32_epi32(tab_hi, idx);
+            /* bit 3 of the index picks the upper half of the table */
+            const __m256i use_hi = _mm256_slli_epi32(idx, 28);
+            const __m256i v = _mm256_castps_si256(_mm256_blendv_ps(
+                _mm256_castsi256_ps(from_lo), _mm256_castsi256_ps(from_hi), _mm256_castsi256_ps(use_hi)));
+            _mm256_storeu_si256((__m256i*)(o + 2 * i + 8 * p), v);
+        }
+    }
+#endif
+    for (; i < nbytes; ++i) {
+        const uint8_t byte = a[i];
+        o[2 * i] = table[byte >> 4];
+        o[2 * i + 1] = table[byte & 0x0F];
+    }
+}
+
+/* Expand `nbytes` packed bytes into 2 * nbytes 16-bit values through a 16-entry table. */
+static void expand16(const uint8_t* a, const uint16_t* table, uint16_t* o, long long nbytes) {
+    long long i = 0;
+#if defined(LQ_AVX512)
+    const __m512i tab = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)table));
+    const __m128i mask4 = _mm_set1_epi8(0x0F);
+    for (; i + 16 <= nbytes; i += 16) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+        const __m128i lo = _mm_and_si128(raw, mask4);
+        const __m256i nibbles =
+            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(hi, lo)), _mm_unpackhi_epi8(hi, lo), 1);
+        const __m512i idx = _mm512_cvtepu8_epi16(nibbles);
+        _mm512_storeu_si512((void*)(o + 2 * i), _mm512_permutexvar_epi16(idx, tab));
+    }
+#elif defined(LQ_AVX2)
+    /* pshufb looks up 16 bytes: one lookup for the low bytes of the entries, one for the high bytes. */
+    uint8_t low_bytes[16];
+    uint8_t high_bytes[16];
+    for (int j = 0; j < 16; ++j) {
+        low_bytes[j] = (uint8_t)(table[j] & 0xFF);
+        high_bytes[j] = (uint8_t)(table[j] >> 8);
+    }
+    const __m256i tab_low = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)low_bytes));
+    const __m256i tab_high = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)high_bytes));
+    const __m128i mask4 = _mm_set1_epi8(0x0F);
+    for (; i + 16 <= nbytes; i += 16) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+        const __m128i lo = _mm_and_si128(raw, mask4);
+        /* lane 0: values 0..15, lane 1: values 16..31 */
+        const __m256i idx =
+            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(hi, lo)), _mm_unpackhi_epi8(hi, lo), 1);
+        const __m256i low = _mm256_shuffle_epi8(tab_low, idx);
+        const __m256i high = _mm256_shuffle_epi8(tab_high, idx);
+        const __m256i words_a = _mm256_unpacklo_epi8(low, high); /* values 0..7 | 16..23 */
+        const __m256i words_b = _mm256_unpackhi_epi8(low, high); /* values 8..15 | 24..31 */
+        _mm256_storeu_si256((__m256i*)(o + 2 * i), _mm256_permute2x128_si256(words_a, words_b, 0x20));
+        _mm256_storeu_si256((__m256i*)(o + 2 * i + 16), _mm256_permute2x128_si256(words_a, words_b, 0x31));
+    }
+#endif
+    for (; i < nbytes; ++i) {
+        const uint8_t byte = a[i];
+        o[2 * i] = table[byte >> 4];
+        o[2 * i + 1] = table[byte & 0x0F];
+    }
+}
+
+static void run_blocks(const lq_job* job) {
+    const long long bs = job->blocksize;
+    for (long long b = job->block_begin; b < job->block_end; ++b) {
+        const long long first = b * bs; /* bs is even, so a block starts on a byte boundary */
+        long long count = job->n - first;
+        if (count > bs) {
+            count = bs;
+        }
+        const long long pairs = count / 2;
+        const int odd_tail = (int)(count & 1); /* only the very last value of an odd-sized tensor */
+        const uint8_t* a = job->packed + first / 2;
+        const float scale = block_scale(job, b);
+        if (job->out_kind == LQ_OUT_F32) {
+            uint32_t table[16];
+            build_table32(job->code, scale, table);
+            uint32_t* o = (uint32_t*)job->out + first;
+            expand32(a, table, o, pairs);
+            if (odd_tail) {
+                o[2 * pairs] = table[a[pairs] >> 4];
+            }
+        } else {
+            uint16_t table[16];
+            build_table16(job->code, scale, job->out_kind, table);
+            uint16_t* o = (uint16_t*)job->out + first;
+            expand16(a, table, o, pairs);
+            if (odd_tail) {
+                o[2 * pairs] = table[a[pairs] >> 4];
+            }
+        }
+    }
+}
+
+static void* run_blocks_thread(void* arg) {
+    run_blocks((const lq_job*)arg);
+    return NULL;
+}
+
+/*
+ * Dequantize n values. absmax_f32 (one float per block) or absmax_u8 + nested_code[256] +
+ * nested_absmax (double quant) must be given. out_kind: 0 float32, 1 bfloat16, 2 float16.
+ * Returns 0, or a negative number for arguments it cannot use (the Python wrapper checks them first).
+ */
+int lq_dequantize_4bit(
+    const uint8_t* packed,
+    const float* code,
+    const float* absmax_f32,
+    const uint8_t* absmax_u8,
+    const float* nested_code,
+    const float* nested_absmax,
+    long long nested_blocksize,
+    float offset,
+    long long blocksize,
+    long long n,
+    void* out,
+    int out_kind,
+    int num_threads
+) {
+    if (packed == NULL || code == NULL || out == NULL || n < 0 || blocksize <= 0 || (blocksize & 1)) {
+        return -1;
+    }
+    if (absmax_f32 == NULL && (absmax_u8 == NULL || nested_code == NULL || nested_absmax == NULL ||
+                               nested_blocksize <= 0)) {
+        return -2;
+    }
+    if (out_kind != LQ_OUT_F32 && out_kind != LQ_OUT_BF16 && out_kind != LQ_OUT_F16) {
+        return -3;
+    }
+    if (n == 0) {
+        return 0;
+    }
+    const long long nblocks = (n + blocksize - 1) / blocksize;
+    if (num_threads < 1) {
+        num_threads = 1;
+    }
+    if (num_threads > LQ_MAX_THREADS) {
+        num_threads = LQ_MAX_THREADS;
+    }
+    if (num_threads > nblocks) {
+        num_threads = (int)nblocks;
+    }
+    lq_job jobs[LQ_MAX_THREADS];
+    pthread_t threads[LQ_MAX_THREADS];
+    int started[LQ_MAX_THREADS];
+    for (int t = 0; t < num_threads; ++t) {
+        lq_job* job = &jobs[t];
+        job->packed = packed;
+        job->code = code;
+        job->absmax_f32 = absmax_f32;
+        job->absmax_u8 = absmax_u8;
+        job->nested_code = nested_code;
+        job->nested_absmax = nested_absmax;
+        job->nested_blocksize = nested_blocksize;
+        job->offset = offset;
+        job->blocksize = blocksize;
+        job->n = n;
+        job->out = out;
+        job->out_kind = out_kind;
+        job->block_begin = nblocks * t / num_threads;
+        job->block_end = nblocks * (t + 1) / num_threads;
+        started[t] = 0;
+    }
+    /* Threads 1.. run beside the caller, which does chunk 0; a thread that cannot start runs here. */
+    for (int t = 1; t < num_threads; ++t) {
+        started[t] = pthread_create(&threads[t], NULL, run_blocks_thread, &jobs[t]) == 0;
+    }
+    run_blocks(&jobs[0]);
+    for (int t = 1; t < num_threads; ++t) {
+        if (started[t]) {
+            pthread_join(threads[t], NULL);
+        } else {
+            run_blocks(&jobs[t]);
+        }
+    }
+    return 0;
+}
