@@ -317,7 +317,7 @@ _PROBE = """
     import importlib.util, logging, sys
     logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s")
     spec = importlib.util.spec_from_file_location("cpu_kernel", sys.argv[1])
-    cpu_kernel = importlib.util.module_from_spec(spec)
+    cpu_kernel = sys.modules["cpu_kernel"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cpu_kernel)
     print("available", cpu_kernel.kernel_available(), cpu_kernel.kernel_available())
     try:
