@@ -3,6 +3,13 @@
 Everything is written into a temporary sibling (same filesystem, so a rename moves it), flushed to disk,
 and only then renamed into place. A process killed mid-write leaves the previous good copy where it was;
 its leftover temporary entry is cleaned up by the next write to the same path.
+
+What is written gets the permissions of any new file (0666 and 0777 less the umask), so a serving process
+of another user can read an export. A `path` that is a symlink is written through: the link stays and the
+folder or file it points to is replaced. Where the kernel cannot swap two folders in one call, the old
+folder is renamed aside before the new one takes its place; a crash between the two renames is undone by
+the next write to the path or by `recover` (which the readers of exported folders call), so the old copy
+comes back rather than the path staying empty.
 """
 
 from __future__ import annotations
@@ -29,6 +36,35 @@ def _sibling_prefix(target: Path, kind: str) -> str:
     return f".{target.name}.{kind}-{os.getpid()}-"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc says it (Linux 4.7+)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_mode(path: Path, directory: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600 entries; give them the mode open()/mkdir() would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _target(path: str | os.PathLike[str]) -> Path:
+    """The absolute path to write, through a symlink (even a dangling one) to what it points to."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def recover(path: str | os.PathLike[str]) -> None:
+    """Finish what a writer of `path` that died mid-swap left: its old copy back, its temporaries gone."""
+    _recover(_target(path))
+
+
 def _fsync_path(path: Path, directory: bool = False) -> None:
     """Flush one file (or a directory's entry list) to disk; a no-op where the OS cannot fsync folders."""
     if directory and os.name != "posix":
@@ -43,6 +79,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for filename in filenames:
+            _ordinary_mode(Path(dirpath, filename), directory=False)  # some writers (safetensors) use 0600
             _fsync_path(Path(dirpath, filename))
         _fsync_path(Path(dirpath), directory=True)
 
@@ -136,12 +173,13 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     folder is removed (after a crash: by the next write to `path`). Write everything `path` should hold
     into the yielded folder; files already in `path` are not carried over.
     """
-    target = Path(path).absolute()
+    target = _target(path)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory; refusing to replace it.")
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(target, _TMP), dir=target.parent))
+    _ordinary_mode(tmp, directory=True)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -154,7 +192,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on a clean exit it replaces `path` in one rename."""
-    target = Path(path).absolute()
+    target = _target(path)
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory; refusing to replace it with a file.")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -162,8 +200,10 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=_sibling_prefix(target, _TMP), dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    _ordinary_mode(tmp, directory=False)
     try:
         yield tmp
+        _ordinary_mode(tmp, directory=False)  # the writer may have replaced the file with a 0600 one
         _fsync_path(tmp)
         os.replace(tmp, target)
         _fsync_path(target.parent, directory=True)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora._atomic import atomic_directory
+from lightning_qlora._atomic import atomic_directory, recover
 from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._names import describe_names, logical_name
 from lightning_qlora.lora.config import LoRAConfig
@@ -313,6 +313,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
 def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """`adapter_config.json` of a PEFT LoRA folder, checked for features this package does not implement."""
     folder = Path(directory)
+    if not folder.exists():
+        recover(folder)  # a writer killed between its two renames left the old folder aside: put it back
     if not folder.is_dir():
         raise FileNotFoundError(f"No adapter folder at {folder}.")
     path = folder / CONFIG_NAME
