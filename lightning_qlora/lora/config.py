@@ -11,6 +11,8 @@ import torch
 from lightning_qlora._settings import (
     SettingTypeError,
     check_bool,
+    check_choice,
+    check_int,
     check_mapping,
     check_number,
     check_patterns,
@@ -20,6 +22,8 @@ from lightning_qlora.quantization.config import COMPUTE_DTYPES, DEFAULT_EXCLUDE
 OWNER = "LoRA"
 # dtypes the A and B matrices may have (the names QuantizationConfig's compute_dtype takes, less "auto").
 ADAPTER_DTYPES: tuple[str, ...] = tuple(name for name in COMPUTE_DTYPES if name != "auto")
+# How A and B start: LoRA's own rule, or LoftQ's (from the quantization residual of the base).
+INIT_METHODS: tuple[str, ...] = ("default", "loftq")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,28 @@ class LoRAConfig:
         default=(), metadata={"help": "Module-name patterns trained fully, in full precision (e.g. a head)."}
     )
     adapter_dtype: str = field(default="float32", metadata={"help": "dtype of the A and B matrices."})
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "DoRA: a trainable magnitude per output beside the low-rank direction update "
+            "(QDoRA on a 4-bit base)."
+        },
+    )
+    init: str = field(
+        default="default",
+        metadata={
+            "help": "Start of A and B: 'default' (A random, B zero: the adapted model starts as the base) or "
+            "'loftq' (from the quantization residual W - Q(W); needs QLoRAPrecision and full-precision "
+            "weights at injection)."
+        },
+    )
+    loftq_iter: int = field(
+        default=1,
+        metadata={
+            "help": "LoftQ rounds of quantization and rank-r SVD (init='loftq'). Above 1 the 4-bit base "
+            "differs from plain quantization and is exported beside the adapters."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -62,6 +88,13 @@ class LoRAConfig:
         for pattern, alpha in check_mapping(OWNER, "alpha_pattern", self.alpha_pattern).items():
             _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
         check_bool(OWNER, "use_rslora", self.use_rslora)
+        check_bool(OWNER, "use_dora", self.use_dora)
+        check_choice(OWNER, "init", self.init, INIT_METHODS)
+        check_int(OWNER, "loftq_iter", self.loftq_iter, minimum=1)
+        if self.loftq_iter != 1 and self.init != "loftq":
+            raise ValueError(
+                f"LoRA loftq_iter={self.loftq_iter} only applies with init='loftq' (init is {self.init!r})."
+            )
         if self.adapter_dtype not in ADAPTER_DTYPES:
             allowed = ", ".join(ADAPTER_DTYPES)
             raise ValueError(f"Unknown adapter_dtype {self.adapter_dtype!r}; allowed: {allowed}.")
