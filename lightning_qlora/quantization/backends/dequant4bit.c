@@ -117,18 +117,66 @@ static inline float block_scale(const lq_job* job, long long b) {
     return product + job->offset;
 }
 
-/* The 16 final values of one block, as raw bits: 32-bit entries for float32 output, 16-bit otherwise. */
+/* The 16 final values of one block, as raw bits: 32-bit entries for float32 output, 16-bit otherwise.
+ * The vector versions do the same IEEE operations as the scalar ones (one float32 product, then the same
+ * round-to-nearest-even conversion), so every build gives the same bits. */
 static inline void build_table32(const float* code, float scale, uint32_t* table) {
+#if defined(LQ_AVX512)
+    _mm512_storeu_ps((float*)table, _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale)));
+#elif defined(LQ_AVX2)
+    const __m256 s = _mm256_set1_ps(scale);
+    _mm256_storeu_ps((float*)table, _mm256_mul_ps(_mm256_loadu_ps(code), s));
+    _mm256_storeu_ps((float*)table + 8, _mm256_mul_ps(_mm256_loadu_ps(code + 8), s));
+#else
     for (int j = 0; j < 16; ++j) {
         table[j] = f32_bits(code[j] * scale);
     }
+#endif
 }
 
+#if defined(LQ_AVX512)
+static inline __m256i bf16_round_avx512(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_blend_epi32(is_nan, r, _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+}
+#elif defined(LQ_AVX2)
+static inline __m128i bf16_round_avx2(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), is_nan);
+    /* values are below 2^16: pack the 8 lanes to 16 bits without saturation effects */
+    const __m128i lo = _mm256_castsi256_si128(r);
+    const __m128i hi = _mm256_extracti128_si256(r, 1);
+    return _mm_packus_epi32(lo, hi);
+}
+#endif
+
 static inline void build_table16(const float* code, float scale, int kind, uint16_t* table) {
+#if defined(LQ_AVX512)
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+    const __m256i h = kind == LQ_OUT_BF16 ? bf16_round_avx512(v)
+                                          : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256((__m256i*)table, h);
+#elif defined(LQ_AVX2) && defined(__F16C__)
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int half = 0; half < 2; ++half) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(code + 8 * half), s);
+        const __m128i h = kind == LQ_OUT_BF16 ? bf16_round_avx2(v)
+                                              : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i*)(table + 8 * half), h);
+    }
+#else
     for (int j = 0; j < 16; ++j) {
         const float v = code[j] * scale;
         table[j] = kind == LQ_OUT_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
     }
+#endif
 }
 
 /* Expand `nbytes` packed bytes into 2 * nbytes 32-bit values through a 16-entry table. */
