@@ -1,5 +1,12 @@
 """LoRA adapters: the layer, where they go, the Callback, and PEFT-format files."""
 
+from lightning_qlora.lora.adapter import (
+    AdapterModule,
+    adapter_modules,
+    adapter_params,
+    is_adapter,
+    set_trainable_params,
+)
 from lightning_qlora.lora.callback import LoRA
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.inject import (
@@ -23,14 +30,18 @@ from lightning_qlora.lora.peft_format import AdapterMismatchError, load_peft_ada
 
 __all__ = [
     "AdapterMismatchError",
+    "AdapterModule",
     "AdapterSummary",
     "LoRA",
     "LoRAConfig",
     "LoRALinear",
     "PatternMatchError",
     "adapter_layers",
+    "adapter_modules",
     "adapter_parameters",
+    "adapter_params",
     "inject_adapters",
+    "is_adapter",
     "load_peft_adapter",
     "merge_adapters",
     "merge_in_place",
@@ -38,6 +49,7 @@ __all__ = [
     "save_merged",
     "save_peft_adapter",
     "set_trainable",
+    "set_trainable_params",
     "summarize",
     "unmerge_in_place",
 ]

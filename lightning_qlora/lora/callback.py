@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -19,10 +19,10 @@ from lightning_qlora._logging import rank_zero_info, rank_zero_warn
 from lightning_qlora._rng import capture_rng_state, restore_rng_state
 from lightning_qlora._settings import SettingTypeError, check_bool, config_from, signature_with_fields
 from lightning_qlora._train_mode import ensure_training
+from lightning_qlora.lora.adapter import adapter_modules
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
 from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_trainable, summarize
-from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE
 from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linear_layers
 from lightning_qlora.strategies.support import require_supported_strategy
@@ -143,7 +143,7 @@ class LoRA(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.guard.on_train_start(trainer, pl_module)
-        adapted = [m for m in pl_module.modules() if isinstance(m, LoRALinear)]
+        adapted = [cast(nn.Module, m) for _, m in adapter_modules(pl_module)]
         ensure_training(pl_module, adapted, "LoRA", "adapts")
 
     @override

@@ -9,6 +9,13 @@ from torch import nn
 
 from lightning_qlora._modules import set_submodule
 from lightning_qlora._names import describe_names, logical_name, matches, matches_any, unmatched_patterns
+from lightning_qlora.lora.adapter import (
+    AdapterModule,
+    adapter_modules,
+    adapter_params,
+    is_adapter,
+    set_trainable_params,
+)
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.quantization.convert import iter_linear_layers, require_linear_layers
@@ -39,17 +46,14 @@ class AdapterSummary:
         )
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """Every adapter in `model`, found by type, never by name."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            yield name, module
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """Every adapter in `model`, found through the adapter protocol (`adapter_modules`), never by name."""
+    return adapter_modules(model)
 
 
 def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    for name, layer in adapter_layers(model):
-        yield f"{name}.lora_A", layer.lora_A
-        yield f"{name}.lora_B", layer.lora_B
+    """(full name, parameter) of every adapter parameter; `adapter_params` as pairs."""
+    yield from adapter_params(model).items()
 
 
 def check_patterns(model: nn.Module, config: LoRAConfig, check_exclude: bool = False) -> None:
@@ -81,9 +85,9 @@ def inject_adapters(model: nn.Module, config: LoRAConfig) -> list[str]:
     """
     require_linear_layers(model)
     mark_modules_to_save(model, config)
-    adapted = []
+    plan = []
     for name, linear in list(iter_linear_layers(model)):
-        if isinstance(_parent(model, name), LoRALinear):
+        if is_adapter(_parent(model, name)):
             continue
         if config.target_modules is not None and not matches_any(name, config.target_modules):
             continue
@@ -91,6 +95,10 @@ def inject_adapters(model: nn.Module, config: LoRAConfig) -> list[str]:
             continue
         r = _pattern_value(name, config.rank_pattern, config.r)
         alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
+        plan.append((name, linear, r, alpha))
+    check_ranks([(name, linear, int(r)) for name, linear, r, _ in plan])
+    adapted = []
+    for name, linear, r, alpha in plan:
         layer = LoRALinear(
             linear,
             r=int(r),
@@ -117,15 +125,26 @@ def mark_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 def set_trainable(model: nn.Module) -> None:
     """Freeze every parameter except adapters and the parameters of `modules_to_save`."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for _, param in adapter_parameters(model):
-        param.requires_grad_(True)
-    for module in model.modules():
-        if getattr(module, KEEP_FULL_PRECISION_ATTR, False):
-            for param in module.parameters():
-                if param.is_floating_point():
-                    param.requires_grad_(True)
+    set_trainable_params(model)
+
+
+def check_ranks(plan: list[tuple[str, nn.Module, int]]) -> None:
+    """Refuse, before any allocation, a rank above the larger side of the layer it adapts.
+
+    The update B @ A has rank at most min(in, out), so a larger r only adds parameters; a rank above
+    max(in, out) is a mistake (r=10**9 would otherwise ask for hundreds of GB).
+    """
+    too_big = []
+    for name, linear, r in plan:
+        sizes = (getattr(linear, "in_features", 0), getattr(linear, "out_features", 0))
+        if r > max(sizes):
+            too_big.append(f"{logical_name(name)!r} ({sizes[0]} -> {sizes[1]}): r={r}")
+    if too_big:
+        raise ValueError(
+            f"LoRA rank too large for {len(too_big)} layer(s): {', '.join(too_big[:4])}. r may be at most "
+            "the layer's larger side (in_features or out_features); the update's rank cannot exceed the "
+            "smaller one. Lower r or set rank_pattern for these layers."
+        )
 
 
 def summarize(model: nn.Module) -> AdapterSummary:

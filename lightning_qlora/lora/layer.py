@@ -72,6 +72,19 @@ class LoRALinear(nn.Module):
         """B @ A * scale, the update folded into the base weight by a merge (computed in fp32)."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
+    # The rest of the adapter protocol (lightning_qlora.lora.adapter.AdapterModule).
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """A and B: what training updates, and what adapter-only checkpoints and exports hold."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def peft_config_fields(self) -> dict[str, Any]:
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return {"lora_dropout": float(p)}
+
+    def peft_tensor_names(self) -> dict[str, str]:
+        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
     def merge(self) -> None:
         """Fold the update into a full-precision base weight in place (undone by `unmerge`)."""
         if self.merged:

@@ -8,15 +8,15 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from lightning_qlora._atomic import atomic_directory
 from lightning_qlora._modules import set_submodule
+from lightning_qlora.lora.adapter import AdapterModule, is_adapter
 from lightning_qlora.lora.inject import adapter_layers
-from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR, dequantize_weight, is_linear4bit
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -26,19 +26,20 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Turn an adapted (and possibly 4-bit) model into a plain one, IN PLACE, and return it.
 
-    Every `LoRALinear` becomes the `nn.Linear` of its merged weight and every remaining 4-bit layer a
-    dequantized `nn.Linear`, so nothing of this package or bitsandbytes is needed to run the result. A
-    4-bit base is dequantized exactly as the 4-bit forward pass dequantizes it, so outputs match the
-    adapted model's up to rounding. New layers are float32 (a 4-bit base) or their base weight's dtype,
-    unless `dtype` is given, in which case the whole model is cast to it. The adapted model is gone
-    afterwards: `copy.deepcopy` it first to keep it, or use `save_merged`, which leaves it untouched.
+    Every adapter (`LoRALinear` or any `AdapterModule`) becomes the `nn.Linear` of its merged weight and
+    every remaining 4-bit layer a dequantized `nn.Linear`, so nothing of this package or bitsandbytes is
+    needed to run the result. A 4-bit base is dequantized exactly as the 4-bit forward pass dequantizes it,
+    so outputs match the adapted model's up to rounding. New layers are float32 (a 4-bit base) or their base
+    weight's dtype, unless `dtype` is given, in which case the whole model is cast to it. The adapted model
+    is gone afterwards: `copy.deepcopy` it first to keep it, or use `save_merged`, which leaves it
+    untouched.
     """
-    if isinstance(model, LoRALinear):
+    if is_adapter(model):
         return _plain_linear(model, dtype)
     for name, module in list(model.named_modules()):
         if (
             name
-            and (isinstance(module, LoRALinear) or is_linear4bit(module))
+            and (is_adapter(module) or is_linear4bit(module))
             and _attached(model, name, module)
         ):
             set_submodule(model, name, _plain_linear(module, dtype))
@@ -59,25 +60,39 @@ def _attached(model: nn.Module, name: str, module: nn.Module) -> bool:
 
 
 def _plain_linear(module: nn.Module, dtype: torch.dtype | None) -> nn.Linear:
-    if isinstance(module, LoRALinear):
-        linear = module.merged_linear(dtype)
+    """An adapter (through the adapter protocol) or a 4-bit layer as the plain `nn.Linear` it computes."""
+    if is_adapter(module):
+        adapter = cast(AdapterModule, module)
+        base = adapter.base_layer
+        assert isinstance(base, nn.Linear)  # bitsandbytes' Linear4bit subclasses it
+        weight = _float32_weight(base)
+        if not adapter.merged:
+            weight = weight + adapter.delta_weight().to(weight.device)
+        default = torch.float32 if is_linear4bit(base) else base.weight.dtype
     else:
-        assert isinstance(module, nn.Linear)  # bitsandbytes' Linear4bit subclasses it
-        weight = dequantize_weight(module, torch.float32)
-        linear = nn.Linear(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            device=weight.device,
-            dtype=dtype or torch.float32,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
+        assert isinstance(module, nn.Linear)
+        base, weight, default = module, _float32_weight(module), torch.float32
+    linear = nn.Linear(
+        base.in_features,
+        base.out_features,
+        bias=base.bias is not None,
+        device=weight.device,
+        dtype=dtype or default,
+    )
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
     linear.requires_grad_(False)
     linear.train(module.training)
     return linear
+
+
+def _float32_weight(layer: nn.Linear) -> torch.Tensor:
+    """A new float32 tensor of the layer's weight: dequantized if it is 4-bit, copied if not."""
+    if is_linear4bit(layer):
+        return dequantize_weight(layer, torch.float32)
+    return layer.weight.detach().to(torch.float32, copy=True)
 
 
 def merge_in_place(model: nn.Module) -> list[str]:
@@ -118,7 +133,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
         if any(name.startswith(prefix) for prefix in replaced):
             continue
         prefix = f"{name}." if name else ""
-        if isinstance(module, LoRALinear) or is_linear4bit(module):
+        if is_adapter(module) or is_linear4bit(module):
             linear = _plain_linear(module, dtype)
             state[prefix + "weight"] = linear.weight.detach()
             if linear.bias is not None:

@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,9 +24,9 @@ from torch import nn
 from lightning_qlora._atomic import atomic_directory, recover
 from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._names import describe_names, logical_name
+from lightning_qlora.lora.adapter import AdapterModule, is_adapter
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.inject import adapter_layers, inject_adapters
-from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.lora.peft_checks import check_adapter_tensors, check_scaling, parse_adapter_config
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
@@ -79,8 +79,10 @@ def save_peft_adapter(
     dtype = config.dtype if config is not None else None
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers:
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to(dtype or layer.lora_A.dtype)
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to(dtype or layer.lora_B.dtype)
+        params = layer.adapter_params()
+        for param_name, suffix in layer.peft_tensor_names().items():
+            param = params[param_name]
+            tensors[f"{KEY_PREFIX}{name}.{suffix}"] = param.detach().to(dtype or param.dtype)
     for name, module in saved_modules:
         for key, value in _full_precision_state(module).items():
             tensors[f"{KEY_PREFIX}{name}.{key}"] = value
@@ -143,7 +145,7 @@ def _full_precision_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _adapter_config(
     model: nn.Module,
-    layers: list[tuple[str, LoRALinear]],
+    layers: list[tuple[str, AdapterModule]],
     saved_modules: list[tuple[str, nn.Module]],
     config: LoRAConfig | None,
     base_model_name_or_path: str | None,
@@ -183,11 +185,11 @@ def _adapter_config(
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
-    }
+    } | _variant_fields(layers)
 
 
 def _not_adapted_namesakes(
-    model: nn.Module, layers: list[tuple[str, LoRALinear]], leaf_names: list[str]
+    model: nn.Module, layers: list[tuple[str, AdapterModule]], leaf_names: list[str]
 ) -> list[str]:
     """Modules that share a leaf name with an adapted layer but are not adapted: PEFT must skip them.
 
@@ -207,21 +209,34 @@ def _not_adapted_namesakes(
     return sorted(set(others))
 
 
-def _infer_rslora(layers: list[tuple[str, LoRALinear]]) -> bool:
+def _infer_rslora(layers: list[tuple[str, AdapterModule]]) -> bool:
     """rsLoRA if every layer's scale is alpha / sqrt(r) (at r = 1 both rules agree: plain LoRA)."""
     rs = [math.isclose(layer.scaling, layer.alpha / math.sqrt(layer.r)) for _, layer in layers]
     plain = [math.isclose(layer.scaling, layer.alpha / layer.r) for _, layer in layers]
     return bool(layers) and all(rs) and not all(plain)
 
 
-def _effective_alpha(layer: LoRALinear, use_rslora: bool) -> float:
+def _effective_alpha(layer: AdapterModule, use_rslora: bool) -> float:
     """The alpha that gives this layer's actual scale under PEFT's rule, which is what PEFT recomputes."""
     alpha = layer.scaling * (math.sqrt(layer.r) if use_rslora else layer.r)
     return float(layer.alpha) if math.isclose(alpha, layer.alpha, rel_tol=1e-6) else alpha
 
 
-def _dropout_p(layer: LoRALinear) -> float:
-    return float(layer.lora_dropout.p) if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
+def _dropout_p(layer: AdapterModule) -> float:
+    return float(layer.peft_config_fields().get("lora_dropout", 0.0))
+
+
+def _variant_fields(layers: list[tuple[str, AdapterModule]]) -> dict[str, Any]:
+    """What the adapters' class adds to the config (a variant's flag such as `use_dora`), one value each."""
+    fields: dict[str, Any] = {}
+    for name, layer in layers:
+        for key, value in layer.peft_config_fields().items():
+            if key == "lora_dropout":
+                continue
+            if key in fields and fields[key] != value:
+                raise ValueError(f"Adapters disagree on {key!r} ({fields[key]!r} vs {value!r} at {name!r}).")
+            fields[key] = value
+    return fields
 
 
 def _most_common(values: Iterable[Any], default: Any) -> Any:
@@ -288,15 +303,16 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
         # New modules start in training mode: follow the layer each wraps (in eval, no adapter dropout).
         for name in injected:
             new_layer = existing[logical_name(name)]
-            new_layer.train(new_layer.base_layer.training)
+            cast(nn.Module, new_layer).train(new_layer.base_layer.training)
 
     use_rslora = bool(peft_config.get("use_rslora", False))
     loaded = []
     with torch.no_grad():
         for name, (lora_a, lora_b) in lora.items():
             layer = existing[name]
-            layer.lora_A.copy_(lora_a)
-            layer.lora_B.copy_(lora_b)
+            params = layer.adapter_params()
+            params["lora_A"].copy_(lora_a)
+            params["lora_B"].copy_(lora_b)
             r, alpha = plan[name]
             layer.alpha = alpha
             layer.scaling = alpha / (math.sqrt(r) if use_rslora else r)
@@ -394,8 +410,8 @@ def _find_tensor(model: nn.Module, modules: Mapping[str, nn.Module], key: str) -
     """The parameter or buffer stored under `key` in the unadapted model, if the model has it."""
     module_name, _, attr = key.rpartition(".")
     module = modules.get(module_name) if module_name else model
-    if isinstance(module, LoRALinear):
-        module = module.base_layer
+    if is_adapter(module):
+        module = cast(AdapterModule, module).base_layer
     if module is None:
         return None
     value = module._parameters.get(attr, module._buffers.get(attr))
@@ -457,7 +473,7 @@ def _check_injectable(
 
 
 def _check_existing(
-    existing: Mapping[str, LoRALinear],
+    existing: Mapping[str, AdapterModule],
     lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     strict: bool,
     folder: Path,
@@ -480,7 +496,9 @@ def _check_existing(
         layer = existing[name]
         if layer.merged:
             problems.append(f"{name!r} is merged into its base weight; unmerge it first")
-        for which, tensor, param in (("lora_A", lora_a, layer.lora_A), ("lora_B", lora_b, layer.lora_B)):
+        params = layer.adapter_params()
+        for which, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
+            param = params[which]
             if tensor.shape != param.shape:
                 problems.append(
                     f"key {KEY_PREFIX}{name}.{which}.weight has shape {tuple(tensor.shape)}, the model's "
@@ -521,7 +539,7 @@ def _nonexistent_message(
         if all(name in modules or _find_tensor(model, modules, name) is not None for name in prefixed):
             hint = f" They all exist under `{child}`: pass `model.{child}` (the module PEFT wrapped) instead."
             break
-    linear = [name for name, module in modules.items() if isinstance(module, (nn.Linear, LoRALinear))]
+    linear = [name for name, module in modules.items() if isinstance(module, nn.Linear) or is_adapter(module)]
     return (
         f"{folder} has weights for {len(nonexistent)} module(s) or tensor(s) that {type(model).__name__} "
         f"does not have: {describe_names(nonexistent, 4)}. "
