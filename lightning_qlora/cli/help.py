@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from lightning_qlora.cli.paths import conf_dir
+from lightning_qlora.cli import conf_dir
 
 _HELP_FLAGS = ("--help", "-h")
 
@@ -46,7 +46,8 @@ def help_text(overrides: Sequence[str]) -> str:
         del cfg["hydra"]
     groups = "\n".join(f"{name}: {', '.join(options)}" for name, options in config_groups(root).items())
     template = string.Template(
-        "${header}\n== Configuration groups ==\nCompose your configuration from those groups (group=option)\n\n"
+        "${header}\n== Configuration groups ==\n"
+        "Compose your configuration from those groups (group=option)\n\n"
         "${groups}\n\n== Config ==\nOverride anything in the config (foo.bar=value)\n\n${config}\n${footer}"
     )
     return template.substitute(header=header, groups=groups, config=OmegaConf.to_yaml(cfg), footer=footer)

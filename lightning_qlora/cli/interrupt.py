@@ -104,6 +104,9 @@ class InterruptHandler(Callback):
         self.checkpoint = self.checkpoint_path
         trainer.should_stop = True
         trainer.limit_val_batches = 0  # no validation on the way out; the LoRA callback exports at fit end
+        for callback in trainer.checkpoint_callbacks:  # nor a best-metric save at epoch end (no metric)
+            if hasattr(callback, "_save_on_train_epoch_end"):
+                callback._save_on_train_epoch_end = False
         if self.lora.export_dir is not None:
             self.adapter_dir = self.lora.export_dir
 

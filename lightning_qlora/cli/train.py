@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import hydra
 from omegaconf import DictConfig
 
-from lightning_qlora.cli import conf_dir
-
 if TYPE_CHECKING:
     from lightning_qlora.cli.job import JobParts, SetupError
 
@@ -53,10 +51,12 @@ def main() -> float | None:
     if wants_help(args):  # Hydra's --help takes seconds to scan the groups
         print_help(args)
         return None
-    return hydra_main()
+    from lightning_qlora.cli import conf_dir  # registers the typed schema
+
+    entry = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(hydra_main)
+    return entry()  # Hydra composes cfg and passes it
 
 
-@hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point: Hydra composes and checks the config; the job is built, trained and summarized."""
     from lightning.pytorch import seed_everything

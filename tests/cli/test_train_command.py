@@ -1,0 +1,195 @@
+"""What people expect of the training command: `--version`, a quick `--help`, Ctrl-C that keeps the work
+and resumes, an error in training that keeps the work, DDP from the command line, TensorBoard's option.
+
+Real subprocesses of `python -m lightning_qlora.cli.train` on the tiny causal LM (a few steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+import lightning_qlora
+from lightning_qlora.cli.job import build_loggers
+
+CLI_TESTS = Path(__file__).resolve().parent
+TINY = [
+    "experiment=alpaca_tiny_llama",
+    "data.batch_size=4",
+    "data.max_length=24",
+    "trainer.limit_val_batches=1",
+    "model.num_samples_to_generate=1",
+    "model.max_new_tokens=4",
+    "logger=none",
+]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
+    env["PYTHONPATH"] = os.pathsep.join([str(CLI_TESTS), env.get("PYTHONPATH", "")])  # cli_signals
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_qlora.cli.train", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_version_prints_the_package_version(tmp_path: Path) -> None:
+    proc = run_cli(["--version"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"lightning-qlora {lightning_qlora.__version__}"
+    assert not any(tmp_path.iterdir())
+
+
+_SCHEMA_IMPORTS = pytest.mark.xfail(
+    strict=True,
+    reason="lightning_qlora/cli/schema.py imports LoRA and QLoRAPrecision (torch + Lightning) to derive the "
+    "typed schema, and composing needs the schema",
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--help"], marks=_SCHEMA_IMPORTS),
+        pytest.param(["--cfg", "job"], marks=_SCHEMA_IMPORTS),
+        ["--version"],
+    ],
+)
+def test_answers_without_importing_torch_or_lightning(tmp_path: Path, args: list[str]) -> None:
+    """What makes `--help` and `--cfg job` quick: neither torch nor Lightning is imported for them."""
+    code = (
+        "import sys\n"
+        f"sys.argv = ['lightning-qlora-train', *{args!r}]\n"
+        "from lightning_qlora.cli.train import main\n"
+        "main()\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules)\n"
+        "print('heavy modules:', heavy)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "heavy modules: []" in proc.stdout
+
+
+def test_help_lists_groups_and_applies_overrides(tmp_path: Path) -> None:
+    proc = run_cli(["--help", "experiment=alpaca_tiny_llama"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"lightning-qlora-train {lightning_qlora.__version__}" in proc.stdout
+    assert "logger: csv, none, tensorboard, wandb" in proc.stdout
+    assert "task_name: alpaca_tiny_llama" in proc.stdout
+    bad = run_cli(["--help", "lora.rr=3"], cwd=tmp_path, timeout=300)
+    assert bad.returncode == 2
+    assert "lora.rr" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_tensorboard_logger_option(compose_train: Callable[..., DictConfig]) -> None:
+    cfg = compose_train("logger=tensorboard")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install tensorboard"):
+            build_loggers(cfg.logger)
+        return
+    (logger,) = build_loggers(cfg.logger)
+    assert type(logger).__name__ == "TensorBoardLogger"
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_a_loadable_adapter_and_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from lightning_qlora.tasks import CausalLMInstructionModule
+
+    run_dir = tmp_path / "run"
+    sigint = "+callbacks.sigint={_target_:cli_signals.SendSignal,step:1}"
+    proc = run_cli([*TINY, "trainer.max_steps=4", sigint, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Ctrl-C: stopping after this step" in proc.stderr
+    summary = _summary(run_dir)
+    assert summary["interrupted"] is True
+    assert summary["version"] == lightning_qlora.__version__
+    stopped_at = summary["train"]["steps"]
+    assert 1 <= stopped_at < 4
+    checkpoint = run_dir / "checkpoints" / "interrupted.ckpt"
+    assert summary["checkpoint"] == str(checkpoint)
+    assert checkpoint.is_file()
+    assert f"ckpt_path={checkpoint}" in summary["resume_command"]
+    assert f"resume with: {summary['resume_command']}" in proc.stdout
+    # the adapter is a PEFT folder PEFT itself loads onto the same architecture
+    adapter = run_dir / "adapter"
+    peft_model = PeftModel.from_pretrained(CausalLMInstructionModule().model, str(adapter))
+    assert any("lora_A" in name for name, _ in peft_model.named_parameters())
+
+    resumed_dir = tmp_path / "resumed"
+    resume_args = [a for a in summary["resume_command"].split()[1:] if not a.startswith("+callbacks.sigint")]
+    proc = run_cli([*resume_args, f"hydra.run.dir={resumed_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = _summary(resumed_dir)
+    assert resumed["interrupted"] is False
+    assert resumed["train"]["steps"] == 4
+    assert resumed["train"]["tokens"] < summary["train"]["tokens"] * 4 / stopped_at  # only the rest ran
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    sigint = "+callbacks.sigint={_target_:cli_signals.SendSignal,step:1,times:2}"
+    proc = run_cli([*TINY, "trainer.max_steps=4", sigint, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 130
+    assert "Second Ctrl-C: exiting now" in proc.stderr
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_an_error_in_training_keeps_the_adapter_and_a_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    fail = "+callbacks.fail={_target_:cli_signals.SendSignal,step:2,raise_error:true}"
+    proc = run_cli([*TINY, "trainer.max_steps=4", fail, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "test failure at step 2" in proc.stderr
+    summary = _summary(run_dir)
+    assert summary["interrupted"] is True
+    assert summary["error"] == "RuntimeError: test failure at step 2"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert summary["curves"] == str(run_dir / "curves.png")
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_on_the_default_job(tmp_path: Path) -> None:
+    """`trainer=ddp` on the default (MiniLM, mean pooling) job: no adapter outside the loss stops DDP."""
+    run_dir = tmp_path / "run"
+    args = [
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2",
+        "data.batch_size=4", "data.max_length=24", "trainer.limit_val_batches=1", "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    proc = run_cli(args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(run_dir)
+    assert summary["train"]["world_size"] == 2
+    assert summary["train"]["steps"] == 2
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
