@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
 from lightning_qlora._names import BASE_LAYER, describe_names
@@ -30,6 +31,7 @@ from lightning_qlora.quantization.layers import (
     set_full_precision_weight,
     to_linear4bit,
 )
+from lightning_qlora.quantization.meta_buffers import MetaBufferError, restore_non_persistent_buffers
 
 StateSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, torch.Tensor]
 
@@ -53,14 +55,13 @@ def load_quantized(
     config = config or QuantizationConfig()
     device = torch.device(device)
     require_linear_layers(model)
-    shells = {
-        path: _shell(layer, config, compute_dtype) for path, layer in quantization_targets(model, config)
-    }
+    aliases = _tied_names(model)  # before the 4-bit shells replace (and so untie) a tied linear layer
+    targets = _untied(quantization_targets(model, config), aliases)
+    shells = {path: _shell(layer, config, compute_dtype) for path, layer in targets}
     for path, shell in shells.items():
         set_submodule(model, path, shell)
 
     expected = dict(_named_tensors(model))
-    aliases = _tied_names(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
     for key, read in _iter_source(source):
@@ -71,15 +72,26 @@ def load_quantized(
         if target is None:
             unexpected.append(key)
             continue
-        new = _assign(model, target, read(), device, dtype, shells)
+        tensor = read()
+        new = _assign(model, target, tensor, device, dtype, shells)
         loaded.add(target)
         if target.rpartition(".")[0] in shells:
             release_freed_memory()
         for alias in aliases.get(target, ()):  # tied weights (an LM head sharing the embedding) stay tied
-            if new is not None and alias not in loaded:
+            if alias in loaded or alias not in expected:
+                continue
+            if new is not None and not _is_shell_weight(alias, shells):
                 _set_tensor(model, alias, new)
-                loaded.add(alias)
+            else:  # one side of the tie is quantized: each side gets its own copy of the same values
+                _assign(model, alias, tensor, device, dtype, shells)
+            loaded.add(alias)
 
+    # Non-persistent buffers (rotary inv_freq, position_ids) are in no checkpoint: recompute those on meta.
+    try:
+        restore_non_persistent_buffers(model, [n for n in expected if n not in loaded], device)
+    except MetaBufferError:
+        if strict:
+            raise
     missing = [n for n in expected if n not in loaded and _is_unset(model, n)]
     if strict and (missing or unexpected):
         raise KeyError(
@@ -209,6 +221,29 @@ def _assign(
         return param
     module._buffers[leaf] = tensor
     return None
+
+
+def _untied(
+    targets: Iterable[tuple[str, nn.Linear]], aliases: Mapping[str, list[str]]
+) -> list[tuple[str, nn.Linear]]:
+    """Leave out linear layers whose weight is tied to another parameter (a head sharing the embedding).
+
+    The shared tensor stays in full precision for its other user anyway, so a 4-bit copy would add memory
+    and break the tie (`tie_weights()` would then put a full-precision weight into a 4-bit layer).
+    """
+    kept: list[tuple[str, nn.Linear]] = []
+    tied: list[tuple[str, nn.Linear]] = []
+    for path, layer in targets:
+        (tied if f"{path}.weight" in aliases else kept).append((path, layer))
+    if tied:
+        names = ", ".join(f"{path!r} (shares {aliases[f'{path}.weight'][0]!r})" for path, _ in tied)
+        rank_zero_info(f"load_quantized: kept the tied linear layer(s) {names} in full precision.")
+    return kept
+
+
+def _is_shell_weight(name: str, shells: Mapping[str, nn.Module]) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    return module_name in shells and leaf == "weight"
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
