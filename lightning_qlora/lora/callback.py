@@ -23,7 +23,8 @@ from lightning_qlora.lora.adapter import adapter_modules
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
 from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_trainable, summarize
-from lightning_qlora.quantization.config import DEFAULT_EXCLUDE
+from lightning_qlora.precision import QLoRAPrecision
+from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
 from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linear_layers
 from lightning_qlora.strategies.support import require_supported_strategy
 
@@ -48,8 +49,11 @@ class LoRA(Callback):
         max_skipped_steps: optimizer steps with a NaN/inf loss or gradient that may be skipped before
             training stops with a `DivergenceError` (0, the default: stop at the first).
         **kwargs: fields of `LoRAConfig` (`r`, `alpha`, `dropout`, `target_modules`, `exclude`,
-            `rank_pattern`, `alpha_pattern`, `use_rslora`, `modules_to_save`, `adapter_dtype`), a shorthand:
-            `LoRA(r=8)` is `LoRA(LoRAConfig(r=8))`; given with `config`, they replace its fields.
+            `rank_pattern`, `alpha_pattern`, `use_rslora`, `modules_to_save`, `adapter_dtype`, `use_dora`,
+            `init`, `loftq_iter`), a shorthand: `LoRA(r=8)` is `LoRA(LoRAConfig(r=8))`; given with `config`,
+            they replace its fields. `use_dora=True` trains DoRA (QDoRA over a 4-bit base);
+            `init="loftq"` starts A and B from the quantization residual, quantizing each base with
+            `QLoRAPrecision`'s format at injection (its full-precision weight is still there then).
     """
 
     def __init__(
@@ -79,10 +83,14 @@ class LoRA(Callback):
         self._original_configure_model: Any = None
         self._patched_module: pl.LightningModule | None = None
         self.guard = NonFiniteGuard(max_skipped_steps)
+        self.quantization: QuantizationConfig | None = None  # QLoRAPrecision's format, read at setup
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         require_supported_strategy(trainer.strategy, "LoRA")
+        # LoftQ quantizes the base at injection, in the format the precision plugin would use after it.
+        plugin = trainer.precision_plugin
+        self.quantization = plugin.config if isinstance(plugin, QLoRAPrecision) else None
         if is_overridden("configure_model", pl_module):
             self._inject_after_configure_model(pl_module)
         if any(True for _ in iter_linear_layers(pl_module)):
@@ -100,7 +108,7 @@ class LoRA(Callback):
     def inject(self, pl_module: nn.Module) -> list[str]:
         """Adapt `pl_module` now (idempotent): check patterns, wrap layers, freeze the rest, report."""
         check_patterns(pl_module, self.config, check_exclude=self._check_exclude)
-        new = inject_adapters(pl_module, self.config)
+        new = inject_adapters(pl_module, self.config, self.quantization)
         set_trainable(pl_module)
         if new:
             self.adapted.extend(new)

@@ -17,7 +17,10 @@ from lightning_qlora.lora.adapter import (
     set_trainable_params,
 )
 from lightning_qlora.lora.config import LoRAConfig
+from lightning_qlora.lora.dora import DoRALinear
 from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.lora.loftq import apply_loftq, check_loftq_ready
+from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.convert import iter_linear_layers, require_linear_layers
 from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR
 from lightning_qlora.quantization.layers import logical_numel as quantized_numel
@@ -77,8 +80,12 @@ def check_patterns(model: nn.Module, config: LoRAConfig, check_exclude: bool = F
             )
 
 
-def inject_adapters(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Wrap every selected linear layer in a `LoRALinear`; already adapted layers are left alone.
+def inject_adapters(
+    model: nn.Module, config: LoRAConfig, quantization: QuantizationConfig | None = None
+) -> list[str]:
+    """Wrap every selected linear layer in a `LoRALinear` (`DoRALinear` with `config.use_dora`); already
+    adapted layers are left alone. With `config.init == "loftq"`, each base is quantized in
+    `quantization`'s format right here, by LoftQ, which also sets A and B.
 
     Returns the names of the newly adapted layers. Idempotent, so it is safe to call again after
     `configure_model` has built more of the model.
@@ -97,9 +104,11 @@ def inject_adapters(model: nn.Module, config: LoRAConfig) -> list[str]:
         alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
         plan.append((name, linear, r, alpha))
     check_ranks([(name, linear, int(r)) for name, linear, r, _ in plan])
+    loftq = check_loftq_ready([p[:2] for p in plan], quantization) if config.init == "loftq" else None
+    adapter_class = DoRALinear if config.use_dora else LoRALinear
     adapted = []
     for name, linear, r, alpha in plan:
-        layer = LoRALinear(
+        layer = adapter_class(
             linear,
             r=int(r),
             alpha=float(alpha),
@@ -108,6 +117,8 @@ def inject_adapters(model: nn.Module, config: LoRAConfig) -> list[str]:
             dtype=config.dtype,
         )
         layer.train(linear.training)
+        if loftq is not None:
+            apply_loftq(layer, loftq, config.loftq_iter)
         set_submodule(model, name, layer)
         adapted.append(name)
     return adapted

@@ -1,0 +1,186 @@
+"""DoRA (and QDoRA over a 4-bit base): start, gradients, PEFT round trips, merges, checkpoints and resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tiny_models import TinyClassifier, toy_loader
+from torch import nn
+
+from lightning_qlora import LoRA, QLoRAPrecision
+from lightning_qlora.lora import LoRAConfig, adapter_layers, inject_adapters, save_peft_adapter, set_trainable
+from lightning_qlora.lora.dora import MAGNITUDE, DoRALinear
+from lightning_qlora.lora.merge import merge_adapters, merge_in_place, unmerge_in_place
+from lightning_qlora.quantization import QuantizationConfig, dequantize_weight, replace_linear_layers
+
+DORA = LoRAConfig(r=4, alpha=8, dropout=0.0, use_dora=True)
+
+
+def _adapted(base: nn.Module, four_bit: bool, config: LoRAConfig = DORA) -> nn.Module:
+    """DoRA injected, then the base quantized (Lightning's order), then A, B and m moved off their start."""
+    model = copy.deepcopy(base)
+    inject_adapters(model, config)
+    set_trainable(model)
+    if four_bit:
+        replace_linear_layers(model, QuantizationConfig(), compute_dtype=torch.float32)
+    _perturb(model)
+    return model.eval()
+
+
+def _perturb(model: nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            assert isinstance(layer, DoRALinear)
+            layer.materialize()
+            layer.lora_B.copy_(0.05 * torch.randn(layer.lora_B.shape, generator=g))
+            magnitude = layer.lora_magnitude_vector
+            magnitude.mul_(1 + 0.1 * torch.randn(magnitude.shape, generator=g))
+
+
+def _dequantized_copy(base: nn.Module, adapted: nn.Module) -> nn.Module:
+    """`base` with every weight that is 4-bit in `adapted` replaced by its dequantized values (float32)."""
+    plain = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, layer in adapter_layers(adapted):
+            plain.get_submodule(name).weight.copy_(dequantize_weight(layer.base_layer, torch.float32))
+    return plain
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "nf4"])
+def test_dora_starts_as_its_base(base: nn.Module, input_ids: torch.Tensor, four_bit: bool) -> None:
+    """m starts as the row norms of the weight the layer computes with (the 4-bit one for QDoRA), so the
+    scale m / ||W|| is exactly 1 and the first output is the base's, bit for bit."""
+    model = copy.deepcopy(base)
+    inject_adapters(model, DORA)
+    reference = copy.deepcopy(base)
+    if four_bit:
+        replace_linear_layers(model, QuantizationConfig(), compute_dtype=torch.float32)
+        replace_linear_layers(reference, QuantizationConfig(), compute_dtype=torch.float32)
+    assert torch.equal(_logits(model.eval(), input_ids), _logits(reference.eval(), input_ids))
+
+
+def test_magnitude_trains_and_the_norm_is_a_constant(base: nn.Module, input_ids: torch.Tensor) -> None:
+    model = _adapted(base, four_bit=True).train()
+    names = {n.rpartition(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"lora_A", "lora_B", MAGNITUDE}
+    model(input_ids).logits.square().mean().backward()
+    layer = next(layer for _, layer in adapter_layers(model))
+    assert isinstance(layer, DoRALinear)
+    assert layer.lora_magnitude_vector.grad is not None and layer.lora_magnitude_vector.grad.abs().sum() > 0
+    # With the norm detached, d out / d m = W' x / n: the magnitude's gradient is that of a plain
+    # per-row scale. Check it against autograd through an explicit formula with a detached norm.
+    x = torch.randn(3, layer.in_features)
+    layer.zero_grad()
+    layer(x).sum().backward()
+    weight = dequantize_weight(layer.base_layer, torch.float32) + layer.lora_delta()
+    norm = torch.linalg.vector_norm(weight, dim=1)
+    expected = (x @ weight.T / norm).sum(0)
+    assert torch.allclose(layer.lora_magnitude_vector.grad, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "nf4"])
+def test_export_loads_in_peft_with_use_dora_and_gives_the_same_outputs(
+    tmp_path: Path, base: nn.Module, input_ids: torch.Tensor, four_bit: bool
+) -> None:
+    """Our export -> `PeftModel.from_pretrained`. For the 4-bit base PEFT wraps a float32 model holding
+    the dequantized weights: the weights our 4-bit layers compute with in float32, so PEFT computes the
+    same function. Measured max abs difference of the logits: 0.0 for both (the bound leaves room for
+    another BLAS)."""
+    from peft import PeftModel
+
+    model = _adapted(base, four_bit)
+    expected = _logits(model, input_ids)
+    save_peft_adapter(model, tmp_path / "adapter", DORA)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert sum(key.endswith(f".{MAGNITUDE}") for key in keys) == len(list(adapter_layers(model))) == 14
+
+    plain = _dequantized_copy(base, model) if four_bit else copy.deepcopy(base)
+    peft_model = PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()
+    got = _logits(peft_model, input_ids)
+    assert (got - expected).abs().max().item() <= 1e-5
+    changed = (expected - _logits(base.eval(), input_ids)).abs().max()
+    assert changed > 0.05  # the adapters do change the output
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "nf4"])
+def test_merge_gives_the_adapted_model(base: nn.Module, input_ids: torch.Tensor, four_bit: bool) -> None:
+    """A merged plain model computes m (W + s B A) / ||W + s B A|| x: the adapted model's output."""
+    model = _adapted(base, four_bit)
+    expected = _logits(model, input_ids)
+    merged = merge_adapters(copy.deepcopy(model))
+    assert not list(adapter_layers(merged))
+    assert all(type(m) is nn.Linear for m in merged.modules() if isinstance(m, nn.Linear))
+    assert (_logits(merged, input_ids) - expected).abs().max().item() < 1e-5
+
+
+def test_merge_in_place_and_back(base: nn.Module, input_ids: torch.Tensor) -> None:
+    model = _adapted(base, four_bit=False)
+    expected = _logits(model, input_ids)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    merge_in_place(model)
+    assert (_logits(model, input_ids) - expected).abs().max().item() < 1e-5
+    unmerge_in_place(model)
+    assert (_logits(model, input_ids) - expected).abs().max().item() < 1e-5
+    for name, param in model.named_parameters():
+        assert torch.allclose(param, before[name], atol=1e-6), name
+
+
+# -------------------------------------------------------------------------- in a Trainer: checkpoints
+
+
+def _run(
+    tmp_path: Path, steps: int, ckpt: Path | None = None, every: int | None = None
+) -> tuple[TinyClassifier, pl.Trainer]:
+    pl.seed_everything(7, workers=True)
+    module = TinyClassifier(lr=2e-2)
+    callbacks: list[pl.Callback] = [LoRA(r=4, dropout=0.1, use_dora=True)]
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        plugins=[QLoRAPrecision(compute_dtype="float32")],
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(every),
+        deterministic=True,
+    )
+    trainer.fit(module, toy_loader(n=64, shuffle=True), ckpt_path=ckpt)  # 4 steps an epoch
+    return module, trainer
+
+
+def test_qdora_checkpoint_holds_the_magnitude_and_resumes_exactly(tmp_path: Path) -> None:
+    """Dropout on, batches shuffled, 4-bit base: the magnitude is in the adapter-only checkpoint and is
+    not recomputed from the base on resume (it would silently undo its training)."""
+    uninterrupted, _ = _run(tmp_path / "a", 12)
+    _run(tmp_path / "b", 8, every=4)
+    checkpoint = next((tmp_path / "b").glob("epoch=0-step=4.ckpt"))
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert set(state) == {f"model.net.{i}.{p}" for i in (0, 2) for p in ("lora_A", "lora_B", MAGNITUDE)}
+    resumed, _ = _run(tmp_path / "c", 12, ckpt=checkpoint)
+    assert len(resumed.losses) == 8
+    assert resumed.losses == pytest.approx(uninterrupted.losses[4:], rel=0, abs=1e-6)
+    layer = resumed.model.net[0]
+    assert isinstance(layer, DoRALinear)
+    trained = layer.lora_magnitude_vector.detach()
+    assert not torch.allclose(trained, layer.weight_norm(), atol=1e-4)  # m moved away from ||W + s B A||
+    assert torch.equal(trained, uninterrupted.model.net[0].lora_magnitude_vector.detach())
