@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -40,11 +41,11 @@ def package_version() -> str:
     return __version__
 
 
-def job_dirname(num: int, override_dirname: str) -> str:
+def job_dirname(num: int, overrides: Sequence[str]) -> str:
     """A multirun job's folder name from its number and overrides (see `lightning_qlora.cli.sweep`)."""
     from lightning_qlora.cli.sweep import job_dirname as name
 
-    return name(num, override_dirname)
+    return name(num, list(overrides))
 
 
 def register_resolvers() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,35 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 _MAX_DIRNAME = 120
 
 
-def job_dirname(num: int, override_dirname: str) -> str:
-    """`3_lora.r=8,optimizer.lr=0.001`: the job number (unique, sorts in launch order) and its overrides,
-    with path separators and other odd characters replaced, cut to a length every file system accepts."""
-    clean = _UNSAFE.sub("_", str(override_dirname)).strip("_")[:_MAX_DIRNAME]
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def sweep_keys(argv: Sequence[str]) -> set[str]:
+    """The keys a command line sweeps over (`lora.r=4,8`, `x=range(1,3)`), by Hydra's override parser."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys: set[str] = set()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # Hydra reports bad overrides itself
+            continue
+        if override.is_sweep_override():
+            keys.add(override.key_or_group)
+    return keys
+
+
+def job_dirname(num: int, overrides: Sequence[str], argv: Sequence[str] | None = None) -> str:
+    """`1_lora.r=8,optimizer.lr=0.001`: the job number (unique, sorts in launch order) and the values of
+    the swept keys (all overrides when none is found, e.g. with a sweeper plugin), with path separators
+    and other odd characters replaced, cut to a length every file system accepts."""
+    keys = sweep_keys(sys.argv[1:] if argv is None else argv)
+    chosen = [str(o) for o in overrides if _key(str(o)) in keys] or [str(o) for o in overrides]
+    clean = _UNSAFE.sub("_", ",".join(chosen)).strip("_")[:_MAX_DIRNAME]
     return f"{num}_{clean}" if clean else str(num)
 
 
@@ -84,11 +111,20 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
     return str(value).replace("|", "\\|")
 
 
+def varying(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Each row's overrides whose value differs between jobs (what the sweep changed); all when none do."""
+    per_row = [{_key(o): o for o in row["overrides"]} for row in rows]
+    keys = {k for overrides in per_row for k in overrides}
+    changed = {k for k in keys if len({overrides.get(k) for overrides in per_row}) > 1}
+    return [[o for o in row["overrides"] if not changed or _key(o) in changed] for row in rows]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rank, what the sweep changed, the metric tuned and untuned, the last train loss, steps, speed."""
     metric = next((r["metric"] for r in rows if r.get("metric")), "metric")
     header = [
         "rank",
@@ -101,10 +137,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "status",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for rank, row in enumerate(rows, start=1):
+    for rank, (row, changed) in enumerate(zip(rows, varying(rows), strict=True), start=1):
         cells = [
             rank,
-            " ".join(row["overrides"]) or "(defaults)",
+            " ".join(changed) or "(defaults)",
             row.get("tuned"),
             row.get("untuned"),
             row.get("train_loss"),

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+import lightning_qlora
 
 # Small and quick, but through every stage: validate, fit, validate, export, summary.
 FAST = [
@@ -67,18 +70,34 @@ def _check_run_folder(run_dir: Path, r: int, metric: str) -> dict:
 def test_default_job_end_to_end(tmp_path: Path) -> None:
     """The default (MiniLM sentiment, NF4 + DQ) for two steps, via `python -m lightning_qlora.cli.train`."""
     run_dir = tmp_path / "run"
-    args = [*FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=2", f"hydra.run.dir={run_dir}"]
+    args = [*FAST, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"]
     proc = run_module(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _check_run_folder(run_dir, r=8, metric="val/acc")
     assert summary["train"]["steps"] == 2
     assert summary["compute_dtype"] in ("bfloat16", "float32")
-    assert summary["quantization"]["quantized_layers"] == 37
+    assert summary["quantization"]["quantized_layers"] == 36  # MiniLM's pooler (unused) is dropped
     assert summary["choices"]["experiment"] == "sentiment_qlora"
+    assert summary["version"] == lightning_qlora.__version__
+    assert summary["interrupted"] is False
     assert (run_dir / "csv" / "metrics.csv").is_file()
     assert (run_dir / "train.log").is_file()
     assert "val/acc: untuned" in proc.stdout
     assert not (tmp_path / "runs").exists()
+    # the loggers get the whole config, the version and the quantization report
+    hparams = yaml.safe_load((run_dir / "csv" / "hparams.yaml").read_text())
+    assert hparams["lora.r"] == 8
+    assert hparams["optimizer.lr"] == 3e-3
+    assert hparams["trainer.max_epochs"] == 1
+    assert hparams["lightning_qlora_version"] == lightning_qlora.__version__
+    assert hparams["quantization.quantized_layers"] == 36
+    # one quantization table, a picture of the run, and no missing-metric warning although the run is
+    # shorter than an epoch (it validates at its last step, and the best checkpoint is written)
+    assert (proc.stdout + proc.stderr).count("bits per quantized parameter") == 1
+    assert summary["curves"] == str(run_dir / "curves.png")
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "could not find the monitored key" not in proc.stderr
+    assert summary["checkpoint"] is not None and Path(summary["checkpoint"]).is_file()
 
 
 @pytest.mark.slow
@@ -93,11 +112,25 @@ def test_console_script_multirun(tmp_path: Path) -> None:
         [_console_script(), *args], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for job, r in (("0", 4), ("1", 8)):
+    summaries = {}
+    for job, r in (("0_lora.r=4", 4), ("1_lora.r=8", 8)):  # job folders named by their overrides
         summary = _check_run_folder(sweep / job, r=r, metric="val/loss")
         assert summary["log_dir"] is None
         assert f"lora.r={r}" in summary["overrides"]
+        summaries[job] = summary
     assert (sweep / "multirun.yaml").is_file()
+    # the sweep table: every job, its overrides and final metrics, best (lowest val/loss) first
+    rows = json.loads((sweep / "sweep.json").read_text())["jobs"]
+    best_first = sorted(summaries, key=lambda job: summaries[job]["metric"]["tuned"])
+    assert [row["job"] for row in rows] == best_first
+    for row in rows:
+        assert row["tuned"] == summaries[row["job"]]["metric"]["tuned"]
+        assert "lora.r=" + row["job"][-1] in row["overrides"]
+        assert row["status"] == "done"
+    table = (sweep / "sweep.md").read_text()
+    assert "| rank | overrides | val/loss (tuned) |" in table
+    assert table.index(best_first[0].split("_")[1]) < table.index(best_first[1].split("_")[1])
+    assert "==== sweep: 2 jobs, best first ====" in proc.stdout
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
