@@ -29,6 +29,7 @@ from typing_extensions import override
 from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._names import describe_names
 from lightning_qlora._settings import check_bool, check_number, config_from
+from lightning_qlora._train_mode import ensure_training
 from lightning_qlora.strategies.optim import OptimizerConfig, build_optimizer, build_scheduler
 
 ActivationCheckpointing = type | str | Sequence[type | str] | None
@@ -229,6 +230,14 @@ class _PagedOptimizerMixin(Strategy):
                 f"{type(self).__name__}: activation checkpointing (non-reentrant) on {len(new)} module(s) of "
                 f"class {', '.join(classes)}."
             )
+
+    @override
+    def on_train_start(self) -> None:
+        """Checkpointing recomputes only in training mode: a model loaded in eval mode is switched."""
+        module = self.lightning_module
+        if module is not None and self._checkpointed:
+            ensure_training(module, self._checkpointed, type(self).__name__, "checkpoints")
+        super().on_train_start()
 
     def _restore_module(self) -> None:
         """Give the model back as it came in: its own forwards and `configure_optimizers`. Idempotent."""
