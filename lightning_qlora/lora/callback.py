@@ -23,6 +23,7 @@ from lightning_qlora.lora.adapter import adapter_modules
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
 from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_trainable, summarize
+from lightning_qlora.lora.resume_checks import CHECKPOINT_KEY, base_fingerprint, check_resume, resume_record
 from lightning_qlora.precision import QLoRAPrecision
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
 from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linear_layers
@@ -83,6 +84,7 @@ class LoRA(Callback):
         self._original_configure_model: Any = None
         self._patched_module: pl.LightningModule | None = None
         self.guard = NonFiniteGuard(max_skipped_steps)
+        self._base_fingerprint: str | None = None
         self.quantization: QuantizationConfig | None = None  # QLoRAPrecision's format, read at setup
 
     @override
@@ -110,6 +112,7 @@ class LoRA(Callback):
         check_patterns(pl_module, self.config, check_exclude=self._check_exclude)
         new = inject_adapters(pl_module, self.config, self.quantization)
         set_trainable(pl_module)
+        self._base_fingerprint = base_fingerprint(pl_module)  # before quantization, as on every resume
         if new:
             self.adapted.extend(new)
             rank_zero_info(summarize(pl_module).table())
@@ -181,11 +184,13 @@ class LoRA(Callback):
         check_finite_state(trained, "a checkpoint")  # a diverged run never replaces a good checkpoint
         if self.adapter_only_checkpoints:
             checkpoint["state_dict"] = trained
+        checkpoint[CHECKPOINT_KEY] = resume_record(self._base_fingerprint, trainer)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        check_resume(checkpoint.get(CHECKPOINT_KEY), self._base_fingerprint, trainer)
         missing = sorted(trainable_state_keys(pl_module) - set(checkpoint.get("state_dict", {})))
         if missing:
             raise KeyError(

@@ -1,0 +1,78 @@
+"""What an adapter-only checkpoint needs to resume exactly: the same frozen base, quantized the same way.
+
+Adapter-only checkpoints hold no base weights, so resuming one onto another base model (another
+checkpoint, another revision) or without `QLoRAPrecision` would load without an error and train on,
+wrongly. The `LoRA` callback records a fingerprint of the frozen base and the precision setup in every
+checkpoint and refuses a resume where either differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+CHECKPOINT_KEY = "lightning_qlora_base"
+_SAMPLES_PER_TENSOR = 1024
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint was written with another base model or another precision setup than this run's."""
+
+
+def base_fingerprint(module: nn.Module) -> str:
+    """A hash of the frozen parameters' names, shapes, dtypes and an evenly spaced sample of their values.
+
+    A sample keeps this cheap for a 70B model (a few thousand values per tensor) while any other checkpoint
+    of the same architecture differs in it. Computed before the precision plugin quantizes the model.
+    """
+    digest = hashlib.sha256()
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            continue
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
+        if param.device.type == "meta" or param.numel() == 0:
+            continue
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu").contiguous()
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def precision_setup(trainer: pl.Trainer) -> dict[str, Any]:
+    """The precision plugin's class and, for `QLoRAPrecision`, its quantization settings."""
+    plugin = trainer.precision_plugin
+    config = getattr(plugin, "config", None)
+    settings = asdict(config) if is_dataclass(config) and not isinstance(config, type) else {}
+    keep = ("quant_type", "blocksize", "double_quant")
+    return {"plugin": type(plugin).__name__, **{k: str(v) for k, v in settings.items() if k in keep}}
+
+
+def resume_record(fingerprint: str | None, trainer: pl.Trainer) -> dict[str, Any]:
+    return {"base_fingerprint": fingerprint, "precision": precision_setup(trainer)}
+
+
+def check_resume(saved: Mapping[str, Any] | None, fingerprint: str | None, trainer: pl.Trainer) -> None:
+    """Refuse to resume a checkpoint written on another base or with another precision setup."""
+    if not saved:
+        return  # written before the record existed
+    then, now = saved.get("precision") or {}, precision_setup(trainer)
+    if then and then != now:
+        raise ResumeMismatchError(
+            f"The checkpoint was written with precision {then} and this run has {now}: its adapters were "
+            "trained on a base stored that way. Resume with the same precision plugin (e.g. "
+            "`plugins=[QLoRAPrecision()]`, or the same `precision=` option of the command)."
+        )
+    before = saved.get("base_fingerprint")
+    if before and fingerprint and before != fingerprint:
+        raise ResumeMismatchError(
+            "The checkpoint's adapters were trained on other base weights than this model's (fingerprint "
+            f"{before[:12]} in the checkpoint, {fingerprint[:12]} now): resuming would continue training on "
+            "another model. Load the same base model (same checkpoint and revision) to resume."
+        )

@@ -1,0 +1,52 @@
+"""Adapter-only checkpoints resume only onto the base and the precision setup they were trained with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tiny_models import TinyClassifier, toy_loader
+
+from lightning_qlora import LoRA, QLoRAPrecision
+from lightning_qlora.lora.resume_checks import ResumeMismatchError
+
+
+def fit(tmp_path: Path, steps: int, seed: int, qlora: bool = True, ckpt_path: Path | None = None) -> Path:
+    torch.manual_seed(seed)  # the base model's weights
+    module = TinyClassifier()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        plugins=[QLoRAPrecision(compute_dtype="float32")] if qlora else [],
+        callbacks=[LoRA(r=4, dropout=0.0), saver],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, toy_loader(), ckpt_path=ckpt_path)
+    return Path(saver.last_model_path or saver.best_model_path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fit(tmp_path_factory.mktemp("first"), steps=2, seed=0)
+
+
+def test_resume_onto_the_same_base_works(tmp_path: Path, checkpoint: Path) -> None:
+    fit(tmp_path, steps=4, seed=0, ckpt_path=checkpoint)
+
+
+def test_resume_onto_other_base_weights_is_refused(tmp_path: Path, checkpoint: Path) -> None:
+    with pytest.raises(ResumeMismatchError, match="other base weights than this model's"):
+        fit(tmp_path, steps=4, seed=1, ckpt_path=checkpoint)
+
+
+def test_resume_without_the_plugin_is_refused(tmp_path: Path, checkpoint: Path) -> None:
+    with pytest.raises(
+        ResumeMismatchError, match=r"precision \{'plugin': 'QLoRAPrecision'.*QLoRAPrecision\(\)"
+    ):
+        fit(tmp_path, steps=4, seed=0, qlora=False, ckpt_path=checkpoint)
