@@ -26,6 +26,7 @@ from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._names import describe_names, logical_name
 from lightning_qlora.lora.adapter import AdapterModule, is_adapter
 from lightning_qlora.lora.config import LoRAConfig
+from lightning_qlora.lora.dora import DoRALinear, check_magnitudes, load_magnitude, split_magnitudes
 from lightning_qlora.lora.inject import adapter_layers, inject_adapters
 from lightning_qlora.lora.peft_checks import check_adapter_tensors, check_scaling, parse_adapter_config
 from lightning_qlora.quantization.layers import (
@@ -270,8 +271,11 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
     folder = Path(directory)
     peft_config = read_adapter_config(folder)
     weights = read_adapter_weights(folder)
+    use_dora = bool(peft_config.get("use_dora", False))
+    weights, magnitudes = split_magnitudes(weights, KEY_PREFIX)
     lora, full = _split_keys(weights)
     check_adapter_tensors(peft_config, lora, full, folder)  # before anything else: nothing poisons the model
+    check_magnitudes(magnitudes, lora, use_dora, folder)
     modules = _logical_modules(model)
 
     nonexistent = sorted(name for name in lora if name not in modules)
@@ -286,6 +290,14 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
     existing = {logical_name(name): layer for name, layer in adapter_layers(model)}
     if existing:
         _check_existing(existing, lora, strict, folder)
+        other_kind = sorted(name for name in lora if isinstance(existing[name], DoRALinear) != use_dora)
+        if other_kind:
+            kinds = ("DoRA", "plain LoRA") if use_dora else ("plain LoRA", "DoRA")
+            raise AdapterMismatchError(
+                f"{folder} holds {kinds[0]} adapters, but the model's adapters on "
+                f"{describe_names(other_kind, 4)} are {kinds[1]}; load into a model without adapters to "
+                "have the file's kind injected."
+            )
     else:
         _check_injectable(modules, lora, plan, folder)
     _check_full_shapes(model, modules, full, folder)
@@ -313,6 +325,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
             params = layer.adapter_params()
             params["lora_A"].copy_(lora_a)
             params["lora_B"].copy_(lora_b)
+            if use_dora:
+                load_magnitude(cast(nn.Module, layer), magnitudes[name])
             r, alpha = plan[name]
             layer.alpha = alpha
             layer.scaling = alpha / (math.sqrt(r) if use_rslora else r)
@@ -342,7 +356,6 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} describes a {config.get('peft_type')} adapter; only LORA adapters load here."
         )
     unsupported = {
-        "use_dora": bool(config.get("use_dora")),
         "lora_bias": bool(config.get("lora_bias")),
         "target_parameters": bool(config.get("target_parameters")),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
@@ -565,6 +578,7 @@ def _lora_config_from(
         rank_pattern={name: rank for name, (rank, _) in plan.items() if rank != r},
         alpha_pattern={name: a for name, (_, a) in plan.items() if not math.isclose(a, alpha)},
         use_rslora=bool(peft_config.get("use_rslora", False)),
+        use_dora=bool(peft_config.get("use_dora", False)),
         modules_to_save=tuple(peft_config.get("modules_to_save") or ()),
         adapter_dtype=_DTYPE_NAMES.get(first.dtype, "float32"),
     )
