@@ -34,7 +34,7 @@ import gc
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -521,8 +521,13 @@ def ensure_model(args: argparse.Namespace, model_dir: Path) -> None:
         raise RuntimeError(f"saving the model failed: {saved.get('error')}")
 
 
-def run_all(args: argparse.Namespace, model_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every configuration at every thread count, `--repeats` interleaved rounds; a failure is not retried."""
+def run_all(
+    args: argparse.Namespace, model_dir: Path, after_each: Callable[[dict[str, list[dict[str, Any]]]], None]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every configuration at every thread count, `--repeats` interleaved rounds; a failure is not retried.
+
+    `after_each` gets the runs so far after every worker (results are written as they come).
+    """
     runs: dict[str, list[dict[str, Any]]] = {}
     for threads in args.threads:
         for round_index, name in interleaved(args.configs, args.repeats):
@@ -539,6 +544,7 @@ def run_all(args: argparse.Namespace, model_dir: Path) -> dict[str, list[dict[st
                 else f"failed: {result.get('error')}"
             )
             print(f"{threads} thread(s), round {round_index + 1}, {name}: {brief}", flush=True)
+            after_each(runs)
     return runs
 
 
@@ -564,14 +570,8 @@ def describe(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.worker is not None:
-        return worker_main(args)
-    started = time.perf_counter()
-    with model_folder(args.model_dir, "qlora-train-bench-") as model_dir:
-        ensure_model(args, model_dir)
-        runs = run_all(args, model_dir)
+def write_all(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], started: float) -> str:
+    """Aggregate the runs so far and write JSON, Markdown and the plot; returns the Markdown."""
     rows = aggregate(runs, args.seq_len)
     info = {**machine_info(), "device": args.device}
     config = llama_size(args.model_size)
@@ -604,11 +604,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = describe(args, info) + build_tables(rows, "cuda" if args.device.startswith("cuda") else "cpu")
     write_results(args.out, args.name, payload, table)
-    plot = args.out / ("train_memory.png" if args.name == NAME else f"{args.name}.png")
-    plot_memory(
-        rows, plot, f"Training memory, {args.model_size} Llama, batch 1 x {args.seq_len}, {args.device}"
-    )
-    report_written(args.out, args.name, table, payload["runtime_s"], plot)
+    title = f"Training memory, {args.model_size} Llama, batch 1 x {args.seq_len}, {args.device}"
+    plot_memory(rows, args.out / f"{args.name}.png", title)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        return worker_main(args)
+    started = time.perf_counter()
+    with model_folder(args.model_dir, "qlora-train-bench-") as model_dir:
+        ensure_model(args, model_dir)
+        runs = run_all(args, model_dir, lambda so_far: write_all(args, so_far, started))
+    table = write_all(args, runs, started)
+    report_written(args.out, args.name, table, time.perf_counter() - started, args.out / f"{args.name}.png")
     return 0
 
 
