@@ -232,6 +232,15 @@ class LoRA(Callback):
             check_finite_state(trained, f"the adapters to {self.export_dir}")
             path = save_peft_adapter(root, self.export_dir, self.config)
             rank_zero_info(f"LoRA: adapters written in PEFT format to {path}")
+            if self.config.init == "loftq" and self.config.loftq_iter > 1:
+                from lightning_qlora.lora.loftq import save_loftq_base
+
+                base = save_loftq_base(root, path)
+                rank_zero_info(
+                    f"LoRA: after {self.config.loftq_iter} LoftQ rounds the 4-bit base is not the plain "
+                    f"quantization of the model; it is written (dequantized) to {base}: load the adapters "
+                    "onto that model."
+                )
 
 
 LoRA.__signature__ = signature_with_fields(LoRA.__init__, LoRAConfig)  # type: ignore[attr-defined]

@@ -17,8 +17,10 @@ model trains with; the full-precision weight is needed once, at injection, one l
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -186,3 +188,20 @@ def apply_loftq(layer: LoRALinear, quantization: QuantizationConfig, iterations:
     if isinstance(layer, DoRALinear):  # the magnitude follows the new base and update
         layer.magnitude_pending = True
     return start
+
+
+LOFTQ_BASE_DIR = "loftq_base"
+"""Sub-folder of an adapter export holding LoftQ's base, when it differs from plain quantization."""
+
+
+def save_loftq_base(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> Path:
+    """Write the base the LoftQ adapters of `model` were fitted to, beside them: `<adapter_dir>/loftq_base`.
+
+    After more than one LoftQ round the 4-bit base is the quantization of `W - L R`, not of W, so loading
+    the adapters onto the original model would give another model. The base is written dequantized (what
+    the 4-bit layers compute with), as a transformers folder for a transformers model, else as
+    `model.safetensors`; PEFT over it computes what the trained 4-bit model computes.
+    """
+    from lightning_qlora.lora.merge import save_merged
+
+    return save_merged(model, Path(adapter_dir) / LOFTQ_BASE_DIR, with_adapters=False)

@@ -59,14 +59,17 @@ def _attached(model: nn.Module, name: str, module: nn.Module) -> bool:
         return False
 
 
-def _plain_linear(module: nn.Module, dtype: torch.dtype | None) -> nn.Linear:
-    """An adapter (through the adapter protocol) or a 4-bit layer as the plain `nn.Linear` it computes."""
+def _plain_linear(module: nn.Module, dtype: torch.dtype | None, with_adapters: bool = True) -> nn.Linear:
+    """An adapter (through the adapter protocol) or a 4-bit layer as the plain `nn.Linear` it computes
+    (without `with_adapters`: an adapter's base layer alone, dequantized)."""
     if is_adapter(module):
         adapter = cast(AdapterModule, module)
         base = adapter.base_layer
         assert isinstance(base, nn.Linear)  # bitsandbytes' Linear4bit subclasses it
+        if adapter.merged and not with_adapters:
+            raise ValueError("An adapter is merged into its base weight: unmerge_in_place first.")
         weight = _float32_weight(base)
-        if not adapter.merged:
+        if with_adapters and not adapter.merged:
             weight = weight + adapter.delta_weight().to(weight.device)
         default = torch.float32 if is_linear4bit(base) else base.weight.dtype
     else:
@@ -121,11 +124,14 @@ def unmerge_in_place(model: nn.Module) -> list[str]:
     return [name for name, _ in layers]
 
 
-def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None, with_adapters: bool = True
+) -> dict[str, torch.Tensor]:
     """The state dict `merge_adapters(model, dtype)` would have, computed without changing `model`.
 
     Keys are those of the plain model (no `base_layer`, no 4-bit statistics). Tensors tied in the
-    model stay tied (the same tensor under both keys).
+    model stay tied (the same tensor under both keys). Without `with_adapters` it is the base the
+    adapters sit on (4-bit weights dequantized): what LoftQ's adapters need beside them.
     """
     state: dict[str, torch.Tensor] = {}
     replaced: list[str] = []
@@ -134,7 +140,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
             continue
         prefix = f"{name}." if name else ""
         if is_adapter(module) or is_linear4bit(module):
-            linear = _plain_linear(module, dtype)
+            linear = _plain_linear(module, dtype, with_adapters)
             state[prefix + "weight"] = linear.weight.detach()
             if linear.bias is not None:
                 state[prefix + "bias"] = linear.bias.detach()
@@ -169,15 +175,18 @@ def save_merged(
     directory: str | os.PathLike[str],
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
+    with_adapters: bool = True,
 ) -> Path:
     """Write the merged plain model as safetensors, atomically; `model` itself is not changed.
+
+    Without `with_adapters`, the base alone is written (4-bit weights dequantized, adapters left out).
 
     A transformers model is written with its own `save_pretrained` (config, generation config, shards,
     tied weights), so the folder loads with `AutoModel*.from_pretrained`. Any other module is written as
     `model.safetensors` (sharded with an index past `max_shard_size`), loadable with
     `model.load_state_dict(safetensors.torch.load_file(...))` into the unadapted architecture.
     """
-    state = merged_state_dict(model, dtype)
+    state = merged_state_dict(model, dtype, with_adapters)
     with atomic_directory(directory) as tmp:
         if callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config"):
             _save_pretrained(model, tmp, state, max_shard_size)

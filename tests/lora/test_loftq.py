@@ -13,9 +13,16 @@ from tiny_models import TinyClassifier, toy_loader
 from torch import nn
 
 from lightning_qlora import LoRA, QLoRAPrecision
-from lightning_qlora.lora import LoRAConfig, adapter_layers, inject_adapters
+from lightning_qlora.lora import (
+    LoRAConfig,
+    adapter_layers,
+    inject_adapters,
+    load_peft_adapter,
+    merge_adapters,
+    save_peft_adapter,
+)
 from lightning_qlora.lora.dora import DoRALinear
-from lightning_qlora.lora.loftq import loftq_init
+from lightning_qlora.lora.loftq import LOFTQ_BASE_DIR, loftq_init, save_loftq_base
 from lightning_qlora.quantization import (
     QuantizationConfig,
     dequantize_weight,
@@ -134,7 +141,8 @@ def _fit(
 ) -> TinyClassifier:
     pl.seed_everything(7, workers=True)
     module = TinyClassifier(lr=2e-2)
-    callbacks: list[pl.Callback] = [LoRA(r=4, dropout=0.1, init="loftq", loftq_iter=2, **lora)]
+    settings: dict[str, object] = {"init": "loftq", "loftq_iter": 2, **lora}
+    callbacks: list[pl.Callback] = [LoRA(r=4, dropout=0.1, **settings)]
     if every:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1))
     trainer = pl.Trainer(
@@ -177,3 +185,61 @@ def test_resume_with_loftq_is_exact(tmp_path: Path, use_dora: bool) -> None:
     resumed = _fit(tmp_path / "c", 8, ckpt=checkpoint, use_dora=use_dora)
     assert resumed.losses == pytest.approx(uninterrupted.losses[4:], rel=0, abs=1e-6)
     assert isinstance(resumed.model.net[0], DoRALinear) is use_dora
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def test_loftq_export_with_its_base_loads_in_peft_and_merges_to_the_same_model(
+    tmp_path: Path, base: nn.Module, input_ids: torch.Tensor
+) -> None:
+    """Two rounds: the 4-bit base is Q(W - L R), not Q(W), so it is exported beside the adapters.
+    transformers loads that base, PEFT adds the adapters: the same logits as our adapted 4-bit model
+    (max abs difference measured 0.0; float32 compute on both sides). A merge gives them too."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = copy.deepcopy(base)
+    config = LoRAConfig(r=4, alpha=8, dropout=0.0, init="loftq", loftq_iter=2)
+    inject_adapters(model, config, quantization=NF4)
+    replace_linear_layers(model, NF4, compute_dtype=torch.float32)  # what QLoRAPrecision does next
+    with torch.no_grad():  # stands for training
+        for _, layer in adapter_layers(model):
+            layer.adapter_params()["lora_B"].add_(0.01)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        plain = copy.deepcopy(base)
+        replace_linear_layers(plain, NF4, compute_dtype=torch.float32)
+        q_proj = model.model.layers[0].self_attn.q_proj.base_layer
+        plain_q = plain.model.layers[0].self_attn.q_proj
+        assert not torch.equal(dequantize_weight(q_proj), dequantize_weight(plain_q))  # another base
+
+    save_peft_adapter(model, tmp_path / "adapter", config)
+    base_dir = save_loftq_base(model, tmp_path / "adapter")
+    assert base_dir == tmp_path / "adapter" / LOFTQ_BASE_DIR
+    loftq_base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(loftq_base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids).logits
+        merged = merge_adapters(copy.deepcopy(model))(input_ids).logits
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (merged - expected).abs().max().item() <= 1e-5
+
+
+def test_trainer_exports_loftqs_base_after_more_than_one_round(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from tiny_models import TinyNet
+
+    module = _fit(tmp_path, 2, export_dir=tmp_path / "adapter")
+    base_file = tmp_path / "adapter" / LOFTQ_BASE_DIR / "model.safetensors"
+    assert base_file.is_file()
+    rebuilt = TinyNet()
+    rebuilt.load_state_dict(load_file(str(base_file)))
+    load_peft_adapter(rebuilt, tmp_path / "adapter")
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(x), module.model.eval()(x), atol=1e-5)
+
+    module = _fit(tmp_path / "one", 1, export_dir=tmp_path / "one_round", loftq_iter=1)
+    assert not (tmp_path / "one_round" / LOFTQ_BASE_DIR).exists()  # one round: Q is plain quantization
