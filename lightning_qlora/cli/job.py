@@ -7,7 +7,7 @@ node it came from.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -211,11 +211,17 @@ def _quiet_wandb(nodes: list[Any]) -> None:
 
 
 def _check_tensorboard() -> None:
-    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        raise ImportError(
-            "logger=tensorboard needs the `tensorboard` package: `pip install tensorboard` "
-            "(or choose logger=csv, logger=wandb or logger=none)"
-        )
+    """Lightning's TensorBoardLogger writes with `tensorboard` or `tensorboardX`: say so before the run."""
+    for name in ("tensorboard", "tensorboardX"):
+        try:
+            importlib.import_module(name)
+            return
+        except ImportError:
+            continue
+    raise ImportError(
+        "logger=tensorboard needs the `tensorboard` package: `pip install tensorboard` "
+        "(or choose logger=csv, logger=wandb or logger=none)"
+    )
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

@@ -101,16 +101,20 @@ def test_help_lists_groups_and_applies_overrides(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
-def test_tensorboard_logger_option(compose_train: Callable[..., DictConfig]) -> None:
+def test_tensorboard_logger_option(compose_train: Callable[..., DictConfig], tmp_path: Path) -> None:
     cfg = compose_train("logger=tensorboard")
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r"pip install tensorboard"):
-            build_loggers(cfg.logger)
-        return
     (logger,) = build_loggers(cfg.logger)
     assert type(logger).__name__ == "TensorBoardLogger"
+    assert Path(logger.log_dir) == tmp_path / "tensorboard"
+
+
+def test_tensorboard_missing_is_a_clear_error(
+    compose_train: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("tensorboard", "tensorboardX"):  # None in sys.modules: `import name` raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"needs the `tensorboard` package: `pip install tensorboard`"):
+        build_loggers(compose_train("logger=tensorboard").logger)
 
 
 def _summary(run_dir: Path) -> dict:
