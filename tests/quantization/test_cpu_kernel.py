@@ -226,17 +226,59 @@ def test_rounding_of_any_code_book(variants: dict[str, cpu_kernel._Kernel]) -> N
             assert torch.equal(bits(out), bits(expected)), (name, dtype)
 
 
-def test_threads_split_without_gaps() -> None:
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax32", "dq"])
+def test_threads_split_without_gaps(double_quant: bool) -> None:
+    """Thread chunks start mid second-level block (nested blocks of 3) and end on a partial block."""
+    gen = torch.Generator().manual_seed(5)
     n = 3 * 2**18 + 7  # several threads' worth, odd
-    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8)
-    code = torch.randn(16)
-    absmax = torch.rand(-(-n // 64))
-    one = dequantize_4bit_into(packed, code, absmax, 64, torch.empty(n), num_threads=1)
-    for threads in (2, 3, 5):
-        many = dequantize_4bit_into(
-            packed, code, absmax, 64, torch.full((n,), float("nan")), num_threads=threads
+    nblocks = -(-n // 64)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=gen)
+    code = torch.randn(16, generator=gen)
+    if double_quant:
+        absmax = torch.randint(0, 256, (nblocks,), dtype=torch.uint8, generator=gen)
+        nested = {
+            "nested_code": torch.randn(256, generator=gen),
+            "nested_absmax": torch.rand(-(-nblocks // 3)),
+        }
+        kwargs: dict[str, object] = {**nested, "nested_blocksize": 3, "offset": 0.25}
+        scale = nested["nested_code"][absmax.long()] * nested["nested_absmax"].repeat_interleave(3)[:nblocks]
+        scale = scale + torch.tensor(0.25)
+    else:
+        absmax = torch.rand(nblocks, generator=gen)
+        kwargs = {}
+        scale = absmax
+    idx = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[:n].long()
+    expected = code[idx] * scale.repeat_interleave(64)[:n]
+    for threads in (1, 2, 3, 5):
+        out = torch.full((n,), float("nan"))
+        dequantize_4bit_into(packed, code, absmax, 64, out, num_threads=threads, **kwargs)  # type: ignore[arg-type]
+        assert torch.equal(bits(out), bits(expected)), threads
+
+
+def test_concurrent_calls_from_threads() -> None:
+    """ctypes releases the GIL: calls from several Python threads run at once and must not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(6)
+    jobs = []
+    for size in (64 * 1001, 64 * 517 + 3, 2**19):
+        packed = torch.randint(0, 256, ((size + 1) // 2,), dtype=torch.uint8, generator=gen)
+        code, absmax = torch.randn(16, generator=gen), torch.rand(-(-size // 64), generator=gen)
+        jobs.append((packed, code, absmax, size))
+    expected = [
+        dequantize_4bit_into(p, c, a, 64, torch.empty(n, dtype=torch.bfloat16)) for p, c, a, n in jobs
+    ]
+
+    def run(i: int) -> torch.Tensor:
+        packed, code, absmax, size = jobs[i % len(jobs)]
+        return dequantize_4bit_into(
+            packed, code, absmax, 64, torch.empty(size, dtype=torch.bfloat16), num_threads=2
         )
-        assert torch.equal(bits(many), bits(one)), threads
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, range(24)))
+    for i, result in enumerate(results):
+        assert torch.equal(bits(result), bits(expected[i % len(jobs)]))
 
 
 def _valid_args() -> dict[str, object]:

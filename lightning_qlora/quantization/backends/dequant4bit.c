@@ -108,12 +108,12 @@ typedef struct {
     long long block_end;
 } lq_job;
 
-static inline float block_scale(const lq_job* job, long long b) {
+static inline float block_scale(const lq_job* job, long long b, long long nested_index) {
     if (job->absmax_f32 != NULL) {
         return job->absmax_f32[b];
     }
     /* Two statements: a float32 product rounded first, then the float32 sum (no fused multiply-add). */
-    volatile float product = job->nested_code[job->absmax_u8[b]] * job->nested_absmax[b / job->nested_blocksize];
+    volatile float product = job->nested_code[job->absmax_u8[b]] * job->nested_absmax[nested_index];
     return product + job->offset;
 }
 
@@ -180,7 +180,7 @@ static inline void build_table16(const float* code, float scale, int kind, uint1
 }
 
 /* Expand `nbytes` packed bytes into 2 * nbytes 32-bit values through a 16-entry table. */
-static void expand32(const uint8_t* a, const uint32_t* table, uint32_t* o, long long nbytes) {
+static inline __attribute__((always_inline)) void expand32(const uint8_t* a, const uint32_t* table, uint32_t* o, long long nbytes) {
     long long i = 0;
 #if defined(LQ_AVX512)
     const __m512i tab = _mm512_loadu_si512((const void*)table);
@@ -225,7 +225,7 @@ static void expand32(const uint8_t* a, const uint32_t* table, uint32_t* o, long 
 }
 
 /* Expand `nbytes` packed bytes into 2 * nbytes 16-bit values through a 16-entry table. */
-static void expand16(const uint8_t* a, const uint16_t* table, uint16_t* o, long long nbytes) {
+static inline __attribute__((always_inline)) void expand16(const uint8_t* a, const uint16_t* table, uint16_t* o, long long nbytes) {
     long long i = 0;
 #if defined(LQ_AVX512)
     const __m512i tab = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)table));
@@ -272,9 +272,74 @@ static void expand16(const uint8_t* a, const uint16_t* table, uint16_t* o, long 
     }
 }
 
+#if defined(LQ_AVX512)
+/* Whole blocks whose byte count is a multiple of 16 (the usual case): the table stays in a register and
+ * there is no tail to handle, which keeps the per-block cost small next to a 64-value block's stores. */
+static inline __attribute__((always_inline)) void expand32_zmm(
+    const uint8_t* a, __m512i tab, uint32_t* o, long long nbytes
+) {
+    const __m128i mask4 = _mm_set1_epi8(0x0F);
+    for (long long i = 0; i < nbytes; i += 16) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+        const __m128i lo = _mm_and_si128(raw, mask4);
+        _mm512_storeu_si512((void*)(o + 2 * i), _mm512_permutexvar_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), tab));
+        _mm512_storeu_si512((void*)(o + 2 * i + 16), _mm512_permutexvar_epi32(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), tab));
+    }
+}
+
+static inline __attribute__((always_inline)) void expand16_zmm(
+    const uint8_t* a, __m512i tab, uint16_t* o, long long nbytes
+) {
+    const __m128i mask4 = _mm_set1_epi8(0x0F);
+    for (long long i = 0; i < nbytes; i += 16) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+        const __m128i lo = _mm_and_si128(raw, mask4);
+        const __m256i nibbles =
+            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(hi, lo)), _mm_unpackhi_epi8(hi, lo), 1);
+        _mm512_storeu_si512((void*)(o + 2 * i), _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles), tab));
+    }
+}
+
+static inline __attribute__((always_inline)) void run_whole_block_avx512(
+    const lq_job* job, __m512 codev, long long b, float scale
+) {
+    const long long bs = job->blocksize;
+    const uint8_t* a = job->packed + b * (bs / 2);
+    const __m512 v = _mm512_mul_ps(codev, _mm512_set1_ps(scale));
+    if (job->out_kind == LQ_OUT_F32) {
+        expand32_zmm(a, _mm512_castps_si512(v), (uint32_t*)job->out + b * bs, bs / 2);
+    } else {
+        const __m256i h = job->out_kind == LQ_OUT_BF16
+                              ? bf16_round_avx512(v)
+                              : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        expand16_zmm(a, _mm512_castsi256_si512(h), (uint16_t*)job->out + b * bs, bs / 2);
+    }
+}
+#endif
+
 static void run_blocks(const lq_job* job) {
     const long long bs = job->blocksize;
+    /* the second-level block of block b, advanced as b grows (no division per block) */
+    const long long nbs = job->absmax_f32 != NULL ? 1 : job->nested_blocksize;
+    long long nested_index = job->block_begin / nbs;
+    long long nested_end = (nested_index + 1) * nbs;
+#if defined(LQ_AVX512)
+    const long long whole_end = bs % 32 == 0 ? job->n / bs : 0; /* blocks before this one are whole */
+    const __m512 codev = _mm512_loadu_ps(job->code);
+#endif
     for (long long b = job->block_begin; b < job->block_end; ++b) {
+        if (b == nested_end) {
+            ++nested_index;
+            nested_end += nbs;
+        }
+#if defined(LQ_AVX512)
+        if (b < whole_end) {
+            run_whole_block_avx512(job, codev, b, block_scale(job, b, nested_index));
+            continue;
+        }
+#endif
         const long long first = b * bs; /* bs is even, so a block starts on a byte boundary */
         long long count = job->n - first;
         if (count > bs) {
@@ -283,7 +348,7 @@ static void run_blocks(const lq_job* job) {
         const long long pairs = count / 2;
         const int odd_tail = (int)(count & 1); /* only the very last value of an odd-sized tensor */
         const uint8_t* a = job->packed + first / 2;
-        const float scale = block_scale(job, b);
+        const float scale = block_scale(job, b, nested_index);
         if (job->out_kind == LQ_OUT_F32) {
             uint32_t table[16];
             build_table32(job->code, scale, table);
