@@ -34,13 +34,13 @@ from typing import Any
 from benchmarks.harness import (
     LLAMA_SIZES,
     MIB,
-    LikeForLike,
     ProcessMeter,
     StepMeter,
     add_worker_options,
     base_parser,
     build_on_meta,
     describe_exception,
+    fit_causal_lm,
     library_warm_up,
     llama_param_count,
     llama_size,
@@ -63,9 +63,15 @@ GIB = 2**30
 # --------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_shapes(config: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, tuple[int, ...]]]]:
+def checkpoint_shapes(
+    config: Mapping[str, Any],
+) -> Iterator[tuple[str, dict[str, tuple[int, ...]]]]:
     """(shard name, {tensor name: shape}) of a ``LlamaForCausalLM`` state dict, one shard per layer."""
-    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hidden, inter, vocab = (
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["vocab_size"],
+    )
     kv = hidden * config["num_key_value_heads"] // config["num_attention_heads"]
     layers = config["num_hidden_layers"]
     yield "embeddings", {"model.embed_tokens.weight": (vocab, hidden)}
@@ -88,7 +94,9 @@ def checkpoint_shapes(config: Mapping[str, Any]) -> Iterator[tuple[str, dict[str
     yield "head", {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
 
 
-def write_checkpoint(config: Mapping[str, Any], folder: Path, seed: int) -> dict[str, Any]:
+def write_checkpoint(
+    config: Mapping[str, Any], folder: Path, seed: int
+) -> dict[str, Any]:
     """Random bf16 weights (N(0, 0.02), norms 1) written shard by shard, with config and index files."""
     import torch
     from safetensors.torch import save_file
@@ -106,7 +114,9 @@ def write_checkpoint(config: Mapping[str, Any], folder: Path, seed: int) -> dict
             if len(shape) == 1:
                 tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
             else:
-                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(
+                    torch.bfloat16
+                )
         filename = f"model-{shard}.safetensors"
         save_file(tensors, str(folder / filename), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -135,66 +145,53 @@ def load(folder: Path) -> tuple[Any, float]:
 
     started = time.perf_counter()
     model = build_on_meta(LlamaConfig.from_pretrained(folder))
-    load_quantized(model, folder, QuantizationConfig(compute_dtype=torch.float32), dtype=torch.float32)
+    load_quantized(
+        model,
+        folder,
+        QuantizationConfig(compute_dtype=torch.float32),
+        dtype=torch.float32,
+    )
     return model.train(), time.perf_counter() - started
 
 
-def train(model: Any, args: argparse.Namespace, meter: StepMeter, out: dict[str, Any], save: Any) -> None:
+def train(
+    model: Any,
+    args: argparse.Namespace,
+    meter: StepMeter,
+    out: dict[str, Any],
+    save: Any,
+) -> None:
     """`args.steps` steps of a Lightning Trainer with the package's three pieces; `save` after each step."""
-    import lightning.pytorch as pl
     import torch
-    from lightning.pytorch.callbacks import Callback
-    from torch.utils.data import DataLoader
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from lightning_qlora import LoRA, QLoRAPrecision, QLoRAStrategy, quantization_report
 
-    class CausalLM(pl.LightningModule):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
+    def on_start(pl_module: Any) -> None:
+        trainable = [p for p in pl_module.model.parameters() if p.requires_grad]
+        out["param_mib"] = quantization_report(pl_module.model).total_bytes / MIB
+        out["trainable_params"] = sum(p.numel() for p in trainable)
+        save()
 
-        def training_step(self, batch: Any, batch_idx: int) -> Any:
-            return self.model(input_ids=batch, labels=batch).loss
+    def on_step(trainer: Any) -> None:
+        print(f"step {meter.step}: {meter.wall[-1]:.0f} s", flush=True)
+        save()
 
-    class Progress(Callback):
-        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-            report = quantization_report(pl_module.model)
-            trainable = [p for p in pl_module.model.parameters() if p.requires_grad]
-            out.update(param_mib=report.total_bytes / MIB, trainable_params=sum(p.numel() for p in trainable))
-            out["probe"] = LikeForLike(pl_module.model)
-            meter.start_training()
-            save()
-
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
-            meter.before_step()
-
-        def on_train_batch_end(
-            self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
-        ) -> None:
-            meter.after_step(float(outputs["loss"]))
-            out["probe"].step_done()
-            print(f"step {meter.step}: {meter.wall[-1] if meter.wall else float('nan'):.0f} s", flush=True)
-            save()
-
-    vocab = model.config.vocab_size
-    data = torch.randint(0, vocab, (args.steps, args.seq_len), generator=torch.Generator().manual_seed(1))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        plugins=[QLoRAPrecision(compute_dtype=torch.float32, log_report=False)],
-        callbacks=[LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"]), Progress()],
-        strategy=QLoRAStrategy(activation_checkpointing=LlamaDecoderLayer),
-        max_steps=args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+    generator = torch.Generator().manual_seed(1)
+    data = torch.randint(
+        0, model.config.vocab_size, (args.steps, args.seq_len), generator=generator
     )
-    trainer.fit(CausalLM(model), DataLoader(data, batch_size=1))
-    out["like_for_like"] = out.pop("probe").verify(expect_dropout=True)
+    probe = fit_causal_lm(
+        model,
+        data,
+        meter,
+        QLoRAStrategy(activation_checkpointing=LlamaDecoderLayer),
+        [QLoRAPrecision(compute_dtype=torch.float32, log_report=False)],
+        [LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])],
+        on_start=on_start,
+        on_step=on_step,
+    )
+    out["like_for_like"] = probe.verify(expect_dropout=True)
 
 
 def worker_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,10 +200,14 @@ def worker_train(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {"ok": False, "stage": "load"}
     with ProcessMeter(interval=0.05) as process:
-        meter = StepMeter(torch.device("cpu"), warmup=0, total=args.steps, process=process)
+        meter = StepMeter(
+            torch.device("cpu"), warmup=0, total=args.steps, process=process
+        )
 
         def save() -> None:
-            write_worker_result(args.result, {**out, **meter.result(), "setup": meter.setup})
+            write_worker_result(
+                args.result, {**out, **meter.result(), "setup": meter.setup}
+            )
 
         model, out["load_s"] = load(Path(args.dir))
         out["stage"] = "train"
@@ -222,12 +223,21 @@ def worker_main(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     try:
         if args.worker == "write":
-            result = {"ok": True, **write_checkpoint(json.loads(args.config_json), Path(args.dir), args.seed)}
+            result = {
+                "ok": True,
+                **write_checkpoint(
+                    json.loads(args.config_json), Path(args.dir), args.seed
+                ),
+            }
         else:
             library_warm_up(torch.float32)
             result = worker_train(args)
     except Exception as err:
-        previous = json.loads(Path(args.result).read_text()) if Path(args.result).exists() else {}
+        previous = (
+            json.loads(Path(args.result).read_text())
+            if Path(args.result).exists()
+            else {}
+        )
         result = {**previous, "ok": False, "error": describe_exception(err)}
     write_worker_result(args.result, result)
     return 0
@@ -240,17 +250,37 @@ def worker_main(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = base_parser(__doc__, threads_default=2)
-    parser.add_argument("--size", choices=list(LLAMA_SIZES), default="7b", help="Llama shape (default 7b)")
+    parser.add_argument(
+        "--size",
+        choices=list(LLAMA_SIZES),
+        default="7b",
+        help="Llama shape (default 7b)",
+    )
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dir", type=Path, default=None, help="checkpoint folder (default: a temporary one)")
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoint (default: delete it)")
-    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per worker")
-    parser.add_argument("--name", default=None, help="results file name (default: train_7b, or train_<size>)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="checkpoint folder (default: a temporary one)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the checkpoint (default: delete it)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=6 * 3600, help="seconds per worker"
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="results file name (default: train_7b, or train_<size>)",
+    )
     add_worker_options(parser)
     args = parser.parse_args(argv)
-    args.name = args.name or (NAME if args.size == "7b" else f"train_{args.size.replace('.', '_')}")
+    args.name = args.name or (
+        NAME if args.size == "7b" else f"train_{args.size.replace('.', '_')}"
+    )
     return args
 
 
@@ -265,7 +295,9 @@ def check_disk(folder: Path, needed: int) -> None:
         )
 
 
-def describe(args: argparse.Namespace, config: Mapping[str, Any], info: Mapping[str, Any]) -> str:
+def describe(
+    args: argparse.Namespace, config: Mapping[str, Any], info: Mapping[str, Any]
+) -> str:
     params = llama_param_count(config)
     return (
         f"# QLoRA training of a {params / 1e9:.2f} B-parameter Llama ({args.size} shapes) on CPU\n\n"
@@ -298,8 +330,12 @@ def table(result: Mapping[str, Any], written: Mapping[str, Any]) -> str:
         "losses": ", ".join(f"{v:.3f}" for v in result.get("losses", [])),
         "status": "ok" if result.get("ok") else f"failed: {result.get('error')}",
     }
-    seconds = {k: ".0f" for k in ("write s", "load s", "s / step", "CPU s / step", "param MiB")}
-    return markdown_table([row], list(row), {k: ".2f" for k in row if k.endswith("GiB")} | seconds)
+    seconds = {
+        k: ".0f" for k in ("write s", "load s", "s / step", "CPU s / step", "param MiB")
+    }
+    return markdown_table(
+        [row], list(row), {k: ".2f" for k in row if k.endswith("GiB")} | seconds
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args)
     config = llama_size(args.size)
     started = time.perf_counter()
-    common = ["--threads", str(args.threads), "--steps", str(args.steps), "--seq-len", str(args.seq_len)]
+    common = [
+        "--threads",
+        str(args.threads),
+        "--steps",
+        str(args.steps),
+        "--seq-len",
+        str(args.seq_len),
+    ]
     with model_folder(args.dir, "qlora-7b-") as folder:
         try:
             check_disk(folder, 2 * llama_param_count(config))
@@ -322,12 +365,16 @@ def main(argv: list[str] | None = None) -> int:
                 "--seed",
                 str(args.seed),
             ]
-            written = run_worker(__spec__.name, [*cmd, *common], args.timeout, capture=False)
+            written = run_worker(
+                __spec__.name, [*cmd, *common], args.timeout, capture=False
+            )
             print(f"checkpoint: {written}", flush=True)
             result = written
             if written.get("ok"):
                 cmd = ["--worker", "train", "--dir", str(folder)]
-                result = run_worker(__spec__.name, [*cmd, *common], args.timeout, capture=False)
+                result = run_worker(
+                    __spec__.name, [*cmd, *common], args.timeout, capture=False
+                )
         finally:
             if args.dir is not None and not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -48,6 +48,7 @@ from benchmarks.harness import (
     base_parser,
     build_on_meta,
     describe_exception,
+    fit_causal_lm,
     interleaved,
     library_warm_up,
     llama_param_count,
@@ -101,7 +102,9 @@ def param_summary(model: Any) -> dict[str, Any]:
     return {
         "param_bytes": report.total_bytes,
         "quantized_layers": report.quantized_layers,
-        "bits_per_quantized_param": report.bits_per_quantized_param if report.quantized_layers else None,
+        "bits_per_quantized_param": report.bits_per_quantized_param
+        if report.quantized_layers
+        else None,
         "trainable_params": sum(p.numel() for p in trainable),
         "gradient_bytes": sum(p.numel() * p.element_size() for p in trainable),
         "total_params": report.quantized_params + report.kept_params,
@@ -112,10 +115,14 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     import torch
 
     values = (v for state in optimizer.state.values() for v in state.values())
-    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+    return sum(
+        v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)
+    )
 
 
-def load_model(config_name: str, model_dir: Path, device: Any, compute_dtype: Any) -> Any:
+def load_model(
+    config_name: str, model_dir: Path, device: Any, compute_dtype: Any
+) -> Any:
     """The base model, in train mode: quantized while loading for ``qlora``, full precision otherwise."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -128,7 +135,12 @@ def load_model(config_name: str, model_dir: Path, device: Any, compute_dtype: An
         model = build_on_meta(LlamaConfig.from_pretrained(model_dir))
         qconfig = QuantizationConfig(compute_dtype=compute_dtype)
         load_quantized(
-            model, model_dir, qconfig, device=device, compute_dtype=compute_dtype, dtype=base_dtype
+            model,
+            model_dir,
+            qconfig,
+            device=device,
+            compute_dtype=compute_dtype,
+            dtype=base_dtype,
         )
     else:
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=base_dtype)
@@ -137,72 +149,51 @@ def load_model(config_name: str, model_dir: Path, device: Any, compute_dtype: An
     return model.train()
 
 
-def run_lightning(config_name: str, model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]) -> None:
+def run_lightning(
+    config_name: str, model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]
+) -> None:
     """full / lora / qlora: one LightningModule, the package's strategy; only plugins and callbacks differ."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Callback
-    from torch.utils.data import DataLoader
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from lightning_qlora import LoRA, OptimizerConfig, QLoRAPrecision, QLoRAStrategy
 
-    device, meter, summary = ctx["device"], ctx["meter"], ctx["summary"]
+    meter, summary = ctx["meter"], ctx["summary"]
     compute_dtype = torch_dtype(args.compute_dtype)
-    model = load_model(config_name, model_dir, device, compute_dtype)
-
-    class CausalLM(pl.LightningModule):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch: Any, batch_idx: int) -> Any:
-            return self.model(input_ids=batch, labels=batch).loss
-
-    class MeterCallback(Callback):
-        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-            summary.update(param_summary(pl_module.model))
-            ctx["probe"] = LikeForLike(pl_module.model)
-            meter.start_training()
-
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
-            meter.before_step()
-
-        def on_train_batch_end(
-            self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
-        ) -> None:
-            meter.after_step(float(outputs["loss"]))
-            ctx["probe"].step_done()
-            if meter.step == meter.total:
-                summary["optimizer_state_bytes"] = optimizer_state_bytes(trainer.optimizers[0])
-                summary["like_for_like"] = ctx["probe"].verify(expect_dropout=config_name != "full")
-
-    callbacks: list[Callback] = [MeterCallback()]
+    model = load_model(config_name, model_dir, ctx["device"], compute_dtype)
+    callbacks: list[Any] = []
     plugins: list[Any] = []
     if config_name in ("lora", "qlora"):
-        callbacks.insert(0, LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"]))
+        callbacks.append(
+            LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
+        )
     if config_name == "qlora":
         plugins.append(QLoRAPrecision(compute_dtype=compute_dtype, log_report=False))
-    optimizer = OptimizerConfig(name="adamw" if config_name == "full" else "paged_adamw", lr=LR)
+    optimizer = OptimizerConfig(
+        name="adamw" if config_name == "full" else "paged_adamw", lr=LR
+    )
     strategy = QLoRAStrategy(
-        optimizer=optimizer, max_grad_norm=MAX_GRAD_NORM, activation_checkpointing=LlamaDecoderLayer
+        optimizer=optimizer,
+        max_grad_norm=MAX_GRAD_NORM,
+        activation_checkpointing=LlamaDecoderLayer,
     )
-    full_precision = "32-true" if device.type == "cpu" else "bf16-true"
-    trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        strategy=strategy,
-        plugins=plugins or None,
-        precision=None if plugins else full_precision,
-        callbacks=callbacks,
-        max_steps=len(ctx["data"]),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+
+    def on_step(trainer: Any) -> None:
+        if meter.step == meter.total:
+            summary["optimizer_state_bytes"] = optimizer_state_bytes(
+                trainer.optimizers[0]
+            )
+
+    probe = fit_causal_lm(
+        model,
+        ctx["data"],
+        meter,
+        strategy,
+        plugins,
+        callbacks,
+        on_start=lambda pl_module: summary.update(param_summary(pl_module.model)),
+        on_step=on_step,
     )
-    trainer.fit(CausalLM(model), DataLoader(ctx["data"], batch_size=1, shuffle=False))
+    summary["like_for_like"] = probe.verify(expect_dropout=config_name != "full")
 
 
 def peft_model(model_dir: Path, device: Any, compute_dtype: Any) -> Any:
@@ -220,7 +211,10 @@ def peft_model(model_dir: Path, device: Any, compute_dtype: Any) -> Any:
     base_dtype = torch.float32 if device.type == "cpu" else compute_dtype
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
     model = LlamaForCausalLM.from_pretrained(
-        model_dir, quantization_config=bnb_config, dtype=base_dtype, device_map=device_map
+        model_dir,
+        quantization_config=bnb_config,
+        dtype=base_dtype,
+        device_map=device_map,
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora_config = LoraConfig(
@@ -241,7 +235,9 @@ def run_peft(model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]) -> 
     device, meter, summary = ctx["device"], ctx["meter"], ctx["summary"]
     model = peft_model(model_dir, device, torch_dtype(args.compute_dtype))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = bnb.optim.PagedAdamW(
+        params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+    )
     summary.update(param_summary(model))
     probe = LikeForLike(model)
     meter.start_training()
@@ -275,7 +271,9 @@ def worker_main(args: argparse.Namespace) -> int:
 
     set_threads(args.threads[0])
     if args.worker == "save":
-        info = save_random_model(json.loads(args.config_json), "float32", args.seed, Path(args.model_dir))
+        info = save_random_model(
+            json.loads(args.config_json), "float32", args.seed, Path(args.model_dir)
+        )
         write_worker_result(args.result, {"ok": True, **info})
         return 0
     import_everything()
@@ -304,13 +302,17 @@ def worker_main(args: argparse.Namespace) -> int:
             else:
                 run_lightning(args.worker, model_dir, args, ctx)
     except Exception as err:
-        write_worker_result(args.result, {"ok": False, "error": describe_exception(err)})
+        write_worker_result(
+            args.result, {"ok": False, "error": describe_exception(err)}
+        )
         return 0
     result = {
         "ok": True,
         "config": args.worker,
         "threads": args.threads[0],
-        "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process VmHWM",
+        "memory_kind": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "process VmHWM",
         **meter.result(),
         "worker_s": time.perf_counter() - started,
         **ctx["summary"],
@@ -323,7 +325,12 @@ def worker_main(args: argparse.Namespace) -> int:
 # Parent: save once, run the configurations interleaved, aggregate, write tables and the plot.
 # --------------------------------------------------------------------------------------------------------
 
-PEAK_KEYS = ("peak_mib", "train_peak_mib", "peak_anon_sampled_mib", "train_peak_anon_mib")
+PEAK_KEYS = (
+    "peak_mib",
+    "train_peak_mib",
+    "peak_anon_sampled_mib",
+    "train_peak_anon_mib",
+)
 RATIO_KEYS = (
     *PEAK_KEYS,
     "peak_file_sampled_mib",
@@ -334,7 +341,9 @@ RATIO_KEYS = (
 )
 
 
-def aggregate_one(name: str, ok: Sequence[Mapping[str, Any]], tokens_per_step: int) -> dict[str, Any]:
+def aggregate_one(
+    name: str, ok: Sequence[Mapping[str, Any]], tokens_per_step: int
+) -> dict[str, Any]:
     """One configuration at one thread count: fastest median step over repeats, highest peaks."""
     best = min(ok, key=lambda r: r["s_per_step"])
 
@@ -349,7 +358,10 @@ def aggregate_one(name: str, ok: Sequence[Mapping[str, Any]], tokens_per_step: i
         "repeats": len(ok),
         "baseline_mib": highest("baseline_mib"),
         "setup_peak_mib": highest("setup_peak_mib"),
-        **{key: highest(key) for key in (*PEAK_KEYS, "peak_file_sampled_mib", "train_peak_file_mib")},
+        **{
+            key: highest(key)
+            for key in (*PEAK_KEYS, "peak_file_sampled_mib", "train_peak_file_mib")
+        },
         "param_mib": best["param_bytes"] / MIB,
         "optimizer_state_mib": best.get("optimizer_state_bytes", 0) / MIB,
         "gradient_mib": best.get("gradient_bytes", 0) / MIB,
@@ -366,7 +378,9 @@ def aggregate_one(name: str, ok: Sequence[Mapping[str, Any]], tokens_per_step: i
     }
 
 
-def aggregate(runs: Mapping[str, list[dict[str, Any]]], tokens_per_step: int) -> list[dict[str, Any]]:
+def aggregate(
+    runs: Mapping[str, list[dict[str, Any]]], tokens_per_step: int
+) -> list[dict[str, Any]]:
     """Rows per (configuration, threads), with ratios to LoRA at the same thread count."""
     rows: list[dict[str, Any]] = []
     for key, results in runs.items():
@@ -378,7 +392,13 @@ def aggregate(runs: Mapping[str, list[dict[str, Any]]], tokens_per_step: int) ->
             continue
         rows.append(aggregate_one(name, ok, tokens_per_step))
     for threads in sorted({r["threads"] for r in rows}, key=str):
-        ratios_to([r for r in rows if r["threads"] == threads], "config", REFERENCE, RATIO_KEYS, "_vs_lora")
+        ratios_to(
+            [r for r in rows if r["threads"] == threads],
+            "config",
+            REFERENCE,
+            RATIO_KEYS,
+            "_vs_lora",
+        )
     return rows
 
 
@@ -410,29 +430,52 @@ SPEED_COLUMNS = {
 
 def build_tables(rows: list[dict[str, Any]], device: str) -> str:
     """A memory table and a speed table, one row per (configuration, threads)."""
-    formats = {label: ".0f" for label in MEMORY_COLUMNS.values() if label.endswith("MiB")}
+    formats = {
+        label: ".0f" for label in MEMORY_COLUMNS.values() if label.endswith("MiB")
+    }
     formats.update(
-        {label: ".2f" for label in (*MEMORY_COLUMNS.values(), *SPEED_COLUMNS.values()) if "/" in label}
+        {
+            label: ".2f"
+            for label in (*MEMORY_COLUMNS.values(), *SPEED_COLUMNS.values())
+            if "/" in label
+        }
     )
-    formats.update({"s / step": ".2f", "CPU s / step": ".2f", "loss step 1": ".4f", "loss last step": ".4f"})
+    formats.update(
+        {
+            "s / step": ".2f",
+            "CPU s / step": ".2f",
+            "loss step 1": ".4f",
+            "loss last step": ".4f",
+        }
+    )
     memory = dict(MEMORY_COLUMNS)
     if device == "cuda":  # no anonymous or file-backed pages on a GPU
         memory = {
-            k: v.replace("RSS", "GPU") for k, v in memory.items() if "anon" not in k and "file" not in k
+            k: v.replace("RSS", "GPU")
+            for k, v in memory.items()
+            if "anon" not in k and "file" not in k
         }
 
     def render(columns: Mapping[str, str]) -> str:
         table_rows = []
-        for row in sorted(rows, key=lambda r: (r["threads"], CONFIGS.index(r["config"]))):
+        for row in sorted(
+            rows, key=lambda r: (r["threads"], CONFIGS.index(r["config"]))
+        ):
             if "error" in row:
                 table_rows.append(
-                    {"configuration": row["config"], "threads": row["threads"], "s / step": None}
+                    {
+                        "configuration": row["config"],
+                        "threads": row["threads"],
+                        "s / step": None,
+                    }
                 )
                 table_rows[-1][list(columns.values())[2]] = f"failed: {row['error']}"
                 continue
             line = {label: row.get(key) for key, label in columns.items()}
             if "s / step, each repeat" in line:
-                line["s / step, each repeat"] = ", ".join(f"{v:.2f}" for v in row["s_per_step_all"])
+                line["s / step, each repeat"] = ", ".join(
+                    f"{v:.2f}" for v in row["s_per_step_all"]
+                )
             table_rows.append(line)
         return markdown_table(table_rows, list(columns.values()), formats)
 
@@ -446,20 +489,45 @@ def plot_memory(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if "error" not in r and r["threads"] == min(x["threads"] for x in rows)]
+    ok = [
+        r
+        for r in rows
+        if "error" not in r and r["threads"] == min(x["threads"] for x in rows)
+    ]
     if not ok:
         return
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     for j, row in enumerate(ok):
-        peak, anon = row["peak_mib"] / 1024, (row.get("peak_anon_sampled_mib") or 0) / 1024
-        ax.bar(j, peak, 0.6, color="#c9d6ea", label="peak RSS (VmHWM)" if j == 0 else None)
-        ax.bar(j, anon, 0.35, color="#4c72b0", label="anonymous peak (sampled)" if j == 0 else None)
+        peak, anon = (
+            row["peak_mib"] / 1024,
+            (row.get("peak_anon_sampled_mib") or 0) / 1024,
+        )
+        ax.bar(
+            j, peak, 0.6, color="#c9d6ea", label="peak RSS (VmHWM)" if j == 0 else None
+        )
+        ax.bar(
+            j,
+            anon,
+            0.35,
+            color="#4c72b0",
+            label="anonymous peak (sampled)" if j == 0 else None,
+        )
         ratio = row.get("peak_mib_vs_lora")
         note = f"{peak:.2f} GiB" + (f"\n{ratio:.2f}x LoRA" if ratio is not None else "")
         ax.annotate(
-            note, (j, peak), ha="center", va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points"
+            note,
+            (j, peak),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 3),
+            textcoords="offset points",
         )
-    ax.set_xticks(range(len(ok)), [CONFIG_LABELS[r["config"]].replace(" (", "\n(") for r in ok], fontsize=9)
+    ax.set_xticks(
+        range(len(ok)),
+        [CONFIG_LABELS[r["config"]].replace(" (", "\n(") for r in ok],
+        fontsize=9,
+    )
     ax.set_ylabel("GiB")
     ax.set_title(title, fontsize=10)
     ax.legend(frameon=False, fontsize=9)
@@ -471,19 +539,38 @@ def plot_memory(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = base_parser(__doc__, threads_default=[1, 2], threads_nargs="+")  # every config at each count
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser = base_parser(
+        __doc__, threads_default=[1, 2], threads_nargs="+"
+    )  # every config at each count
+    parser.add_argument(
+        "--device", default=None, help="cpu or cuda (default: cuda if available)"
+    )
     parser.add_argument("--model-size", choices=list(LLAMA_SIZES), default="0.5b")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup steps)")
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed steps (after --warmup steps)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--compute-dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--compute-dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA"
+    )
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    parser.add_argument("--repeats", type=int, default=2, help="rounds over the configurations (interleaved)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="rounds over the configurations (interleaved)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the saved model here")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker")
-    parser.add_argument("--name", default=NAME, help="results file name (without extension)")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="reuse/keep the saved model here"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1200, help="seconds per worker"
+    )
+    parser.add_argument(
+        "--name", default=NAME, help="results file name (without extension)"
+    )
     add_worker_options(parser)
     args = parser.parse_args(argv)
     if args.device is None:
@@ -522,7 +609,9 @@ def ensure_model(args: argparse.Namespace, model_dir: Path) -> None:
 
 
 def run_all(
-    args: argparse.Namespace, model_dir: Path, after_each: Callable[[dict[str, list[dict[str, Any]]]], None]
+    args: argparse.Namespace,
+    model_dir: Path,
+    after_each: Callable[[dict[str, list[dict[str, Any]]]], None],
 ) -> dict[str, list[dict[str, Any]]]:
     """Every configuration at every thread count, `--repeats` interleaved rounds; a failure is not retried.
 
@@ -534,7 +623,13 @@ def run_all(
             key = f"{name}@{threads}"
             if any(not r.get("ok") for r in runs.get(key, [])):
                 continue
-            cmd = ["--worker", name, "--model-dir", str(model_dir), *worker_args(args, threads)]
+            cmd = [
+                "--worker",
+                name,
+                "--model-dir",
+                str(model_dir),
+                *worker_args(args, threads),
+            ]
             result = run_worker(__spec__.name, cmd, args.timeout)
             runs.setdefault(key, []).append(result)
             brief = (
@@ -543,7 +638,10 @@ def run_all(
                 if result.get("ok")
                 else f"failed: {result.get('error')}"
             )
-            print(f"{threads} thread(s), round {round_index + 1}, {name}: {brief}", flush=True)
+            print(
+                f"{threads} thread(s), round {round_index + 1}, {name}: {brief}",
+                flush=True,
+            )
             after_each(runs)
     return runs
 
@@ -552,7 +650,11 @@ def describe(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
     """The Markdown header: the model, the settings, and how to read the columns."""
     config = llama_size(args.model_size)
     params = llama_param_count(config)
-    where = info.get("cuda_device") if args.device.startswith("cuda") else f"{info['cpu_count']} CPU cores"
+    where = (
+        info.get("cuda_device")
+        if args.device.startswith("cuda")
+        else f"{info['cpu_count']} CPU cores"
+    )
     return (
         f"# Training memory and speed, {params / 1e6:.0f} M-parameter Llama-style model\n\n"
         f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, intermediate "
@@ -570,7 +672,9 @@ def describe(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
     )
 
 
-def write_all(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], started: float) -> str:
+def write_all(
+    args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], started: float
+) -> str:
     """Aggregate the runs so far and write JSON, Markdown and the plot; returns the Markdown."""
     rows = aggregate(runs, args.seq_len)
     info = {**machine_info(), "device": args.device}
@@ -583,7 +687,14 @@ def write_all(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
             "params": llama_param_count(config),
             **{
                 k: getattr(args, k)
-                for k in ("seq_len", "warmup", "steps", "repeats", "compute_dtype", "seed")
+                for k in (
+                    "seq_len",
+                    "warmup",
+                    "steps",
+                    "repeats",
+                    "compute_dtype",
+                    "seed",
+                )
             },
             "batch": 1,
             "threads": args.threads,
@@ -602,7 +713,9 @@ def write_all(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
         "runs": runs,
         "runtime_s": time.perf_counter() - started,
     }
-    table = describe(args, info) + build_tables(rows, "cuda" if args.device.startswith("cuda") else "cpu")
+    table = describe(args, info) + build_tables(
+        rows, "cuda" if args.device.startswith("cuda") else "cpu"
+    )
     write_results(args.out, args.name, payload, table)
     title = f"Training memory, {args.model_size} Llama, batch 1 x {args.seq_len}, {args.device}"
     plot_memory(rows, args.out / f"{args.name}.png", title)
@@ -618,7 +731,13 @@ def main(argv: list[str] | None = None) -> int:
         ensure_model(args, model_dir)
         runs = run_all(args, model_dir, lambda so_far: write_all(args, so_far, started))
     table = write_all(args, runs, started)
-    report_written(args.out, args.name, table, time.perf_counter() - started, args.out / f"{args.name}.png")
+    report_written(
+        args.out,
+        args.name,
+        table,
+        time.perf_counter() - started,
+        args.out / f"{args.name}.png",
+    )
     return 0
 
 
