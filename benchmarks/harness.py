@@ -61,9 +61,7 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -79,9 +77,7 @@ def machine_info() -> dict[str, Any]:
         "cuda_version": torch.version.cuda,
     }
     with contextlib.suppress(OSError):
-        info["loadavg"] = (
-            os.getloadavg()
-        )  # how busy the machine was: timings on a shared one are noisy
+        info["loadavg"] = os.getloadavg()  # how busy the machine was: timings on a shared one are noisy
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
@@ -138,11 +134,7 @@ def markdown_table(
 
     def cell(row: Mapping[str, Any], column: str) -> str:
         value, spec = row.get(column), formats.get(column)
-        return (
-            format(value, spec)
-            if spec is not None and _is_number(value)
-            else format_value(value)
-        )
+        return format(value, spec) if spec is not None and _is_number(value) else format_value(value)
 
     cells = [[cell(row, column) for column in columns] for row in rows]
     numeric = [
@@ -150,10 +142,7 @@ def markdown_table(
         and any(row.get(c) is not None for row in rows)
         for c in columns
     ]
-    widths = [
-        max([len(column)] + [len(line[i]) for line in cells])
-        for i, column in enumerate(columns)
-    ]
+    widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
 
     def render(values: Sequence[str]) -> str:
         padded = [
@@ -162,23 +151,15 @@ def markdown_table(
         ]
         return "| " + " | ".join(padded) + " |"
 
-    rule = [
-        "-" * (w - 1) + ":" if is_num else "-" * w
-        for w, is_num in zip(widths, numeric, strict=True)
-    ]
+    rule = ["-" * (w - 1) + ":" if is_num else "-" * w for w, is_num in zip(widths, numeric, strict=True)]
     lines = [render(list(columns)), render(rule), *(render(line) for line in cells)]
     return "\n".join(lines) + "\n"
 
 
-def write_results(
-    out_dir: Path, name: str, payload: Mapping[str, Any], table_md: str
-) -> None:
+def write_results(out_dir: Path, name: str, payload: Mapping[str, Any], table_md: str) -> None:
     """Write ``<name>.json`` (payload) and ``<name>.md`` (table) into ``out_dir``, each atomically."""
     out_dir = Path(out_dir)
-    text = (
-        json.dumps(payload, indent=2, sort_keys=False, default=str, allow_nan=True)
-        + "\n"
-    )
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str, allow_nan=True) + "\n"
     md = table_md if table_md.endswith("\n") else table_md + "\n"
     umask = os.umask(0)
     os.umask(umask)
@@ -186,19 +167,13 @@ def write_results(
         atomic_write_text(out_dir / f"{name}.json", text),
         atomic_write_text(out_dir / f"{name}.md", md),
     ):
-        path.chmod(
-            0o666 & ~umask
-        )  # results are meant to be read by others (honours the umask)
+        path.chmod(0o666 & ~umask)  # results are meant to be read by others (honours the umask)
 
 
-def report_written(
-    out_dir: Path, name: str, table_md: str, seconds: float, *extra: Path
-) -> None:
+def report_written(out_dir: Path, name: str, table_md: str, seconds: float, *extra: Path) -> None:
     """Print the table and where it went: the last thing every script says."""
     print(table_md, end="" if table_md.endswith("\n") else "\n")
-    files = ", ".join(
-        str(p) for p in (out_dir / f"{name}.json", out_dir / f"{name}.md", *extra)
-    )
+    files = ", ".join(str(p) for p in (out_dir / f"{name}.json", out_dir / f"{name}.md", *extra))
     print(f"\nwrote {files} ({seconds:.0f} s)", flush=True)
 
 
@@ -315,9 +290,7 @@ class ProcessMeter:
     def start(self) -> None:
         reset_peak_rss()
         self.sampler.reset()
-        self.base = {
-            k: mib(proc_status_kib(k)) for k in ("VmRSS", "RssAnon", "RssFile")
-        }
+        self.base = {k: mib(proc_status_kib(k)) for k in ("VmRSS", "RssAnon", "RssFile")}
 
     def read(self) -> dict[str, float | None]:
         self.sampler.sample()
@@ -359,9 +332,7 @@ class LikeForLike:
         """Training mode and active dropout now (call during training)."""
         from torch import nn
 
-        dropouts = [
-            m for m in self.model.modules() if isinstance(m, nn.Dropout) and m.p > 0
-        ]
+        dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
         return {
             "all_modules_training": all(m.training for m in self.model.modules()),
             "active_dropout_modules": sum(m.training for m in dropouts),
@@ -375,9 +346,7 @@ class LikeForLike:
         if not found["all_modules_training"]:
             problems.append("some modules were in eval mode")
         if any(n != 2 for n in self.per_step):
-            problems.append(
-                f"decoder layers ran {self.per_step} times a step, not 2 (checkpointing off?)"
-            )
+            problems.append(f"decoder layers ran {self.per_step} times a step, not 2 (checkpointing off?)")
         if expect_dropout and found["active_dropout_modules"] == 0:
             problems.append("no active dropout")
         if problems:
@@ -388,9 +357,7 @@ class LikeForLike:
 class StepMeter:
     """Per-step wall and CPU time, losses, and the memory peaks of setup and of training apart."""
 
-    def __init__(
-        self, device: Any, warmup: int, total: int, process: ProcessMeter
-    ) -> None:
+    def __init__(self, device: Any, warmup: int, total: int, process: ProcessMeter) -> None:
         self.device, self.warmup, self.total, self.process = (
             device,
             warmup,
@@ -450,11 +417,7 @@ class StepMeter:
 
     def result(self) -> dict[str, Any]:
         def peak(key: str) -> float | None:
-            values = [
-                v
-                for v in (self.setup.get(key), self.training.get(key))
-                if v is not None
-            ]
+            values = [v for v in (self.setup.get(key), self.training.get(key)) if v is not None]
             return max(values) if values else None
 
         return {
@@ -513,9 +476,7 @@ def fit_causal_lm(
             probe.append(LikeForLike(pl_module.model))
             meter.start_training()
 
-        def on_train_batch_start(
-            self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int
-        ) -> None:
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
             meter.before_step()
 
         def on_train_batch_end(
@@ -532,9 +493,7 @@ def fit_causal_lm(
                 on_step(trainer)
 
     cuda = meter.device.type == "cuda"
-    full_precision = (
-        "32-true" if next(model.parameters()).dtype == torch.float32 else "bf16-true"
-    )
+    full_precision = "32-true" if next(model.parameters()).dtype == torch.float32 else "bf16-true"
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=1,
@@ -576,9 +535,7 @@ def run_worker(
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", module, *worker_args, "--result", str(result_path)]
-        pythonpath = os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
-        )
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         env = {
             **os.environ,
             "PYTHONPATH": pythonpath,
@@ -598,11 +555,7 @@ def run_worker(
                 cwd=REPO_ROOT,
             )
             failure = f"worker exited with {proc.returncode}"
-            tail = (
-                (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
-                if capture
-                else []
-            )
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:] if capture else []
         except subprocess.TimeoutExpired:
             proc, failure, tail = None, f"timed out after {timeout:.0f} s", []
         result: dict[str, Any] = {"ok": False}
@@ -611,9 +564,7 @@ def run_worker(
         result["process_wall_s"] = time.perf_counter() - started
         if proc is None or proc.returncode != 0 or not result_path.exists():
             result["ok"] = False
-            result["error"] = result.get("error") or ": ".join(
-                [failure, " | ".join(tail)]
-            ).rstrip(": ")
+            result["error"] = result.get("error") or ": ".join([failure, " | ".join(tail)]).rstrip(": ")
         return result
 
 
@@ -624,11 +575,7 @@ def write_worker_result(path: Path | str, result: Mapping[str, Any]) -> None:
 def describe_exception(err: BaseException) -> str:
     """The exception's type and message, plus where it was raised (for a refusal worth quoting)."""
     frames = traceback.extract_tb(err.__traceback__)
-    where = (
-        f" (raised in {Path(frames[-1].filename).name}:{frames[-1].lineno})"
-        if frames
-        else ""
-    )
+    where = f" (raised in {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
     return f"{type(err).__name__}: {err}{where}"
 
 
@@ -775,9 +722,7 @@ def library_warm_up(compute_dtype: Any) -> None:
     from lightning_qlora.quantization import QuantizationConfig, replace_linear_layers
 
     model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
-    replace_linear_layers(
-        model, QuantizationConfig(exclude=()), compute_dtype=compute_dtype
-    )
+    replace_linear_layers(model, QuantizationConfig(exclude=()), compute_dtype=compute_dtype)
     with torch.no_grad():
         model(torch.randn(2, 256))
 
@@ -796,9 +741,7 @@ def base_parser(
 
     ``threads_nargs="+"`` makes ``--threads`` a list, for scripts that measure at several thread counts.
     """
-    parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     parser.add_argument(
         "--threads",

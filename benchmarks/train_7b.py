@@ -94,9 +94,7 @@ def checkpoint_shapes(
     yield "head", {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
 
 
-def write_checkpoint(
-    config: Mapping[str, Any], folder: Path, seed: int
-) -> dict[str, Any]:
+def write_checkpoint(config: Mapping[str, Any], folder: Path, seed: int) -> dict[str, Any]:
     """Random bf16 weights (N(0, 0.02), norms 1) written shard by shard, with config and index files."""
     import torch
     from safetensors.torch import save_file
@@ -114,9 +112,7 @@ def write_checkpoint(
             if len(shape) == 1:
                 tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
             else:
-                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(
-                    torch.bfloat16
-                )
+                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
         filename = f"model-{shard}.safetensors"
         save_file(tensors, str(folder / filename), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -178,9 +174,7 @@ def train(
         save()
 
     generator = torch.Generator().manual_seed(1)
-    data = torch.randint(
-        0, model.config.vocab_size, (args.steps, args.seq_len), generator=generator
-    )
+    data = torch.randint(0, model.config.vocab_size, (args.steps, args.seq_len), generator=generator)
     probe = fit_causal_lm(
         model,
         data,
@@ -200,14 +194,10 @@ def worker_train(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {"ok": False, "stage": "load"}
     with ProcessMeter(interval=0.05) as process:
-        meter = StepMeter(
-            torch.device("cpu"), warmup=0, total=args.steps, process=process
-        )
+        meter = StepMeter(torch.device("cpu"), warmup=0, total=args.steps, process=process)
 
         def save() -> None:
-            write_worker_result(
-                args.result, {**out, **meter.result(), "setup": meter.setup}
-            )
+            write_worker_result(args.result, {**out, **meter.result(), "setup": meter.setup})
 
         model, out["load_s"] = load(Path(args.dir))
         out["stage"] = "train"
@@ -225,19 +215,13 @@ def worker_main(args: argparse.Namespace) -> int:
         if args.worker == "write":
             result = {
                 "ok": True,
-                **write_checkpoint(
-                    json.loads(args.config_json), Path(args.dir), args.seed
-                ),
+                **write_checkpoint(json.loads(args.config_json), Path(args.dir), args.seed),
             }
         else:
             library_warm_up(torch.float32)
             result = worker_train(args)
     except Exception as err:
-        previous = (
-            json.loads(Path(args.result).read_text())
-            if Path(args.result).exists()
-            else {}
-        )
+        previous = json.loads(Path(args.result).read_text()) if Path(args.result).exists() else {}
         result = {**previous, "ok": False, "error": describe_exception(err)}
     write_worker_result(args.result, result)
     return 0
@@ -265,12 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="checkpoint folder (default: a temporary one)",
     )
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the checkpoint (default: delete it)"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=6 * 3600, help="seconds per worker"
-    )
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint (default: delete it)")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per worker")
     parser.add_argument(
         "--name",
         default=None,
@@ -278,9 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_worker_options(parser)
     args = parser.parse_args(argv)
-    args.name = args.name or (
-        NAME if args.size == "7b" else f"train_{args.size.replace('.', '_')}"
-    )
+    args.name = args.name or (NAME if args.size == "7b" else f"train_{args.size.replace('.', '_')}")
     return args
 
 
@@ -295,9 +273,7 @@ def check_disk(folder: Path, needed: int) -> None:
         )
 
 
-def describe(
-    args: argparse.Namespace, config: Mapping[str, Any], info: Mapping[str, Any]
-) -> str:
+def describe(args: argparse.Namespace, config: Mapping[str, Any], info: Mapping[str, Any]) -> str:
     params = llama_param_count(config)
     return (
         f"# QLoRA training of a {params / 1e9:.2f} B-parameter Llama ({args.size} shapes) on CPU\n\n"
@@ -330,12 +306,8 @@ def table(result: Mapping[str, Any], written: Mapping[str, Any]) -> str:
         "losses": ", ".join(f"{v:.3f}" for v in result.get("losses", [])),
         "status": "ok" if result.get("ok") else f"failed: {result.get('error')}",
     }
-    seconds = {
-        k: ".0f" for k in ("write s", "load s", "s / step", "CPU s / step", "param MiB")
-    }
-    return markdown_table(
-        [row], list(row), {k: ".2f" for k in row if k.endswith("GiB")} | seconds
-    )
+    seconds = {k: ".0f" for k in ("write s", "load s", "s / step", "CPU s / step", "param MiB")}
+    return markdown_table([row], list(row), {k: ".2f" for k in row if k.endswith("GiB")} | seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,16 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--seed",
                 str(args.seed),
             ]
-            written = run_worker(
-                __spec__.name, [*cmd, *common], args.timeout, capture=False
-            )
+            written = run_worker(__spec__.name, [*cmd, *common], args.timeout, capture=False)
             print(f"checkpoint: {written}", flush=True)
             result = written
             if written.get("ok"):
                 cmd = ["--worker", "train", "--dir", str(folder)]
-                result = run_worker(
-                    __spec__.name, [*cmd, *common], args.timeout, capture=False
-                )
+                result = run_worker(__spec__.name, [*cmd, *common], args.timeout, capture=False)
         finally:
             if args.dir is not None and not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -102,9 +102,7 @@ def param_summary(model: Any) -> dict[str, Any]:
     return {
         "param_bytes": report.total_bytes,
         "quantized_layers": report.quantized_layers,
-        "bits_per_quantized_param": report.bits_per_quantized_param
-        if report.quantized_layers
-        else None,
+        "bits_per_quantized_param": report.bits_per_quantized_param if report.quantized_layers else None,
         "trainable_params": sum(p.numel() for p in trainable),
         "gradient_bytes": sum(p.numel() * p.element_size() for p in trainable),
         "total_params": report.quantized_params + report.kept_params,
@@ -115,14 +113,10 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     import torch
 
     values = (v for state in optimizer.state.values() for v in state.values())
-    return sum(
-        v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)
-    )
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
 
-def load_model(
-    config_name: str, model_dir: Path, device: Any, compute_dtype: Any
-) -> Any:
+def load_model(config_name: str, model_dir: Path, device: Any, compute_dtype: Any) -> Any:
     """The base model, in train mode: quantized while loading for ``qlora``, full precision otherwise."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -149,9 +143,7 @@ def load_model(
     return model.train()
 
 
-def run_lightning(
-    config_name: str, model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]
-) -> None:
+def run_lightning(config_name: str, model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]) -> None:
     """full / lora / qlora: one LightningModule, the package's strategy; only plugins and callbacks differ."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -163,14 +155,10 @@ def run_lightning(
     callbacks: list[Any] = []
     plugins: list[Any] = []
     if config_name in ("lora", "qlora"):
-        callbacks.append(
-            LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
-        )
+        callbacks.append(LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"]))
     if config_name == "qlora":
         plugins.append(QLoRAPrecision(compute_dtype=compute_dtype, log_report=False))
-    optimizer = OptimizerConfig(
-        name="adamw" if config_name == "full" else "paged_adamw", lr=LR
-    )
+    optimizer = OptimizerConfig(name="adamw" if config_name == "full" else "paged_adamw", lr=LR)
     strategy = QLoRAStrategy(
         optimizer=optimizer,
         max_grad_norm=MAX_GRAD_NORM,
@@ -179,9 +167,7 @@ def run_lightning(
 
     def on_step(trainer: Any) -> None:
         if meter.step == meter.total:
-            summary["optimizer_state_bytes"] = optimizer_state_bytes(
-                trainer.optimizers[0]
-            )
+            summary["optimizer_state_bytes"] = optimizer_state_bytes(trainer.optimizers[0])
 
     probe = fit_causal_lm(
         model,
@@ -235,9 +221,7 @@ def run_peft(model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]) -> 
     device, meter, summary = ctx["device"], ctx["meter"], ctx["summary"]
     model = peft_model(model_dir, device, torch_dtype(args.compute_dtype))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW(
-        params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
-    )
+    optimizer = bnb.optim.PagedAdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     summary.update(param_summary(model))
     probe = LikeForLike(model)
     meter.start_training()
@@ -271,9 +255,7 @@ def worker_main(args: argparse.Namespace) -> int:
 
     set_threads(args.threads[0])
     if args.worker == "save":
-        info = save_random_model(
-            json.loads(args.config_json), "float32", args.seed, Path(args.model_dir)
-        )
+        info = save_random_model(json.loads(args.config_json), "float32", args.seed, Path(args.model_dir))
         write_worker_result(args.result, {"ok": True, **info})
         return 0
     import_everything()
@@ -302,17 +284,13 @@ def worker_main(args: argparse.Namespace) -> int:
             else:
                 run_lightning(args.worker, model_dir, args, ctx)
     except Exception as err:
-        write_worker_result(
-            args.result, {"ok": False, "error": describe_exception(err)}
-        )
+        write_worker_result(args.result, {"ok": False, "error": describe_exception(err)})
         return 0
     result = {
         "ok": True,
         "config": args.worker,
         "threads": args.threads[0],
-        "memory_kind": "cuda max_memory_allocated"
-        if device.type == "cuda"
-        else "process VmHWM",
+        "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process VmHWM",
         **meter.result(),
         "worker_s": time.perf_counter() - started,
         **ctx["summary"],
@@ -341,9 +319,7 @@ RATIO_KEYS = (
 )
 
 
-def aggregate_one(
-    name: str, ok: Sequence[Mapping[str, Any]], tokens_per_step: int
-) -> dict[str, Any]:
+def aggregate_one(name: str, ok: Sequence[Mapping[str, Any]], tokens_per_step: int) -> dict[str, Any]:
     """One configuration at one thread count: fastest median step over repeats, highest peaks."""
     best = min(ok, key=lambda r: r["s_per_step"])
 
@@ -358,10 +334,7 @@ def aggregate_one(
         "repeats": len(ok),
         "baseline_mib": highest("baseline_mib"),
         "setup_peak_mib": highest("setup_peak_mib"),
-        **{
-            key: highest(key)
-            for key in (*PEAK_KEYS, "peak_file_sampled_mib", "train_peak_file_mib")
-        },
+        **{key: highest(key) for key in (*PEAK_KEYS, "peak_file_sampled_mib", "train_peak_file_mib")},
         "param_mib": best["param_bytes"] / MIB,
         "optimizer_state_mib": best.get("optimizer_state_bytes", 0) / MIB,
         "gradient_mib": best.get("gradient_bytes", 0) / MIB,
@@ -378,9 +351,7 @@ def aggregate_one(
     }
 
 
-def aggregate(
-    runs: Mapping[str, list[dict[str, Any]]], tokens_per_step: int
-) -> list[dict[str, Any]]:
+def aggregate(runs: Mapping[str, list[dict[str, Any]]], tokens_per_step: int) -> list[dict[str, Any]]:
     """Rows per (configuration, threads), with ratios to LoRA at the same thread count."""
     rows: list[dict[str, Any]] = []
     for key, results in runs.items():
@@ -430,15 +401,9 @@ SPEED_COLUMNS = {
 
 def build_tables(rows: list[dict[str, Any]], device: str) -> str:
     """A memory table and a speed table, one row per (configuration, threads)."""
-    formats = {
-        label: ".0f" for label in MEMORY_COLUMNS.values() if label.endswith("MiB")
-    }
+    formats = {label: ".0f" for label in MEMORY_COLUMNS.values() if label.endswith("MiB")}
     formats.update(
-        {
-            label: ".2f"
-            for label in (*MEMORY_COLUMNS.values(), *SPEED_COLUMNS.values())
-            if "/" in label
-        }
+        {label: ".2f" for label in (*MEMORY_COLUMNS.values(), *SPEED_COLUMNS.values()) if "/" in label}
     )
     formats.update(
         {
@@ -451,16 +416,12 @@ def build_tables(rows: list[dict[str, Any]], device: str) -> str:
     memory = dict(MEMORY_COLUMNS)
     if device == "cuda":  # no anonymous or file-backed pages on a GPU
         memory = {
-            k: v.replace("RSS", "GPU")
-            for k, v in memory.items()
-            if "anon" not in k and "file" not in k
+            k: v.replace("RSS", "GPU") for k, v in memory.items() if "anon" not in k and "file" not in k
         }
 
     def render(columns: Mapping[str, str]) -> str:
         table_rows = []
-        for row in sorted(
-            rows, key=lambda r: (r["threads"], CONFIGS.index(r["config"]))
-        ):
+        for row in sorted(rows, key=lambda r: (r["threads"], CONFIGS.index(r["config"]))):
             if "error" in row:
                 table_rows.append(
                     {
@@ -473,9 +434,7 @@ def build_tables(rows: list[dict[str, Any]], device: str) -> str:
                 continue
             line = {label: row.get(key) for key, label in columns.items()}
             if "s / step, each repeat" in line:
-                line["s / step, each repeat"] = ", ".join(
-                    f"{v:.2f}" for v in row["s_per_step_all"]
-                )
+                line["s / step, each repeat"] = ", ".join(f"{v:.2f}" for v in row["s_per_step_all"])
             table_rows.append(line)
         return markdown_table(table_rows, list(columns.values()), formats)
 
@@ -489,11 +448,7 @@ def plot_memory(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [
-        r
-        for r in rows
-        if "error" not in r and r["threads"] == min(x["threads"] for x in rows)
-    ]
+    ok = [r for r in rows if "error" not in r and r["threads"] == min(x["threads"] for x in rows)]
     if not ok:
         return
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
@@ -502,9 +457,7 @@ def plot_memory(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> No
             row["peak_mib"] / 1024,
             (row.get("peak_anon_sampled_mib") or 0) / 1024,
         )
-        ax.bar(
-            j, peak, 0.6, color="#c9d6ea", label="peak RSS (VmHWM)" if j == 0 else None
-        )
+        ax.bar(j, peak, 0.6, color="#c9d6ea", label="peak RSS (VmHWM)" if j == 0 else None)
         ax.bar(
             j,
             anon,
@@ -539,21 +492,13 @@ def plot_memory(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = base_parser(
-        __doc__, threads_default=[1, 2], threads_nargs="+"
-    )  # every config at each count
-    parser.add_argument(
-        "--device", default=None, help="cpu or cuda (default: cuda if available)"
-    )
+    parser = base_parser(__doc__, threads_default=[1, 2], threads_nargs="+")  # every config at each count
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--model-size", choices=list(LLAMA_SIZES), default="0.5b")
-    parser.add_argument(
-        "--steps", type=int, default=3, help="timed steps (after --warmup steps)"
-    )
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup steps)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument(
-        "--compute-dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA"
-    )
+    parser.add_argument("--compute-dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument(
         "--repeats",
@@ -562,15 +507,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rounds over the configurations (interleaved)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--model-dir", type=Path, default=None, help="reuse/keep the saved model here"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=1200, help="seconds per worker"
-    )
-    parser.add_argument(
-        "--name", default=NAME, help="results file name (without extension)"
-    )
+    parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the saved model here")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker")
+    parser.add_argument("--name", default=NAME, help="results file name (without extension)")
     add_worker_options(parser)
     args = parser.parse_args(argv)
     if args.device is None:
@@ -650,11 +589,7 @@ def describe(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
     """The Markdown header: the model, the settings, and how to read the columns."""
     config = llama_size(args.model_size)
     params = llama_param_count(config)
-    where = (
-        info.get("cuda_device")
-        if args.device.startswith("cuda")
-        else f"{info['cpu_count']} CPU cores"
-    )
+    where = info.get("cuda_device") if args.device.startswith("cuda") else f"{info['cpu_count']} CPU cores"
     return (
         f"# Training memory and speed, {params / 1e6:.0f} M-parameter Llama-style model\n\n"
         f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, intermediate "
@@ -672,9 +607,7 @@ def describe(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
     )
 
 
-def write_all(
-    args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], started: float
-) -> str:
+def write_all(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], started: float) -> str:
     """Aggregate the runs so far and write JSON, Markdown and the plot; returns the Markdown."""
     rows = aggregate(runs, args.seq_len)
     info = {**machine_info(), "device": args.device}
@@ -713,9 +646,7 @@ def write_all(
         "runs": runs,
         "runtime_s": time.perf_counter() - started,
     }
-    table = describe(args, info) + build_tables(
-        rows, "cuda" if args.device.startswith("cuda") else "cpu"
-    )
+    table = describe(args, info) + build_tables(rows, "cuda" if args.device.startswith("cuda") else "cpu")
     write_results(args.out, args.name, payload, table)
     title = f"Training memory, {args.model_size} Llama, batch 1 x {args.seq_len}, {args.device}"
     plot_memory(rows, args.out / f"{args.name}.png", title)
