@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "LoRA": "lightning_qlora.lora",
     "LoRAConfig": "lightning_qlora.lora",
     "LoRALinear": "lightning_qlora.lora",
+    "DoRALinear": "lightning_qlora.lora",
     "load_peft_adapter": "lightning_qlora.lora",
     "merge_adapters": "lightning_qlora.lora",
     "save_merged": "lightning_qlora.lora",
@@ -34,6 +35,7 @@ _EXPORTS: dict[str, str] = {
 
 if TYPE_CHECKING:
     from lightning_qlora.lora import (
+        DoRALinear,
         LoRA,
         LoRAConfig,
         LoRALinear,
@@ -66,6 +68,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DoRALinear",
     "LoRA",
     "LoRAConfig",
     "LoRALinear",

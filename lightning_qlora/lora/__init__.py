@@ -9,6 +9,7 @@ from lightning_qlora.lora.adapter import (
 )
 from lightning_qlora.lora.callback import LoRA
 from lightning_qlora.lora.config import LoRAConfig
+from lightning_qlora.lora.dora import DoRALinear
 from lightning_qlora.lora.inject import (
     AdapterSummary,
     PatternMatchError,
@@ -19,6 +20,7 @@ from lightning_qlora.lora.inject import (
     summarize,
 )
 from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.lora.loftq import LoftQInit, loftq_init, save_loftq_base
 from lightning_qlora.lora.merge import (
     merge_adapters,
     merge_in_place,
@@ -32,9 +34,11 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterModule",
     "AdapterSummary",
+    "DoRALinear",
     "LoRA",
     "LoRAConfig",
     "LoRALinear",
+    "LoftQInit",
     "PatternMatchError",
     "adapter_layers",
     "adapter_modules",
@@ -43,9 +47,11 @@ __all__ = [
     "inject_adapters",
     "is_adapter",
     "load_peft_adapter",
+    "loftq_init",
     "merge_adapters",
     "merge_in_place",
     "merged_state_dict",
+    "save_loftq_base",
     "save_merged",
     "save_peft_adapter",
     "set_trainable",
