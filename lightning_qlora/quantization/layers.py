@@ -91,8 +91,16 @@ def quantize_layer(layer: nn.Module, device: torch.device | str | None = None) -
 
 
 def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The layer's weight in full precision (a new tensor), for merging and for error measurements."""
-    return layer_backend(layer).dequantize(_linear(layer), dtype)
+    """The layer's weight in full precision (a new tensor), for merging and for error measurements.
+
+    A layer that is not 4-bit (a full-precision base) gives a copy of its weight, so callers need not
+    tell the two apart.
+    """
+    backend = backend_of(layer)
+    if backend is None:
+        weight = _linear(layer).weight
+        return weight.data.to(dtype or weight.dtype, copy=True)
+    return backend.dequantize(_linear(layer), dtype)
 
 
 def set_layer_compute_dtype(layer: nn.Module, dtype: torch.dtype) -> None:

@@ -27,7 +27,7 @@ from lightning_qlora.quantization.frozen_linear import frozen_linear
 
 bitsandbytes()  # a missing install fails here with a message that names the fix
 # ruff: noqa: E402 - the imports below come after that check
-from bitsandbytes.functional import QuantState, dequantize_4bit
+from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
 from bitsandbytes.nn import Linear4bit, Params4bit
 from bitsandbytes.nn.modules import (
     _convert_weight_packed_for_cpu_inverse,
@@ -163,15 +163,21 @@ class BitsandbytesBackend:
         if not getattr(weight, "bnb_quantized", False):
             return weight.data.to(dtype or weight.dtype, copy=True)
         data, state = _unpacked_for_cpu(weight)
-        full = dequantize_4bit(data, state)
-        return full.to(dtype) if dtype is not None else full
+        if data.device.type != "cpu":
+            full = dequantize_4bit(data, state)
+            return full.to(dtype) if dtype is not None else full
+        # On CPU the same decode as the forward pass, so merges and exports match what was trained.
+        out = torch.empty(layer.out_features, layer.in_features, dtype=dtype or state.dtype)
+        return self.dequantize_into(layer, out)
 
     def dequantize_into(self, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
         data, state = _unpacked_for_cpu(_params(layer))
-        kernel = cpu_kernel() if out.device.type == "cpu" else None
-        if kernel is None:
+        if out.device.type != "cpu":
             out.copy_(dequantize_4bit(data, state).view(out.shape))
             return out
+        kernel = cpu_kernel()
+        if kernel is None:
+            return _dequantize_flat_into(data, state, out)
         nested = state.state2 if state.nested else None
         kernel.dequantize_4bit_into(
             data,
@@ -259,6 +265,46 @@ def _unpacked_for_cpu(weight: Params4bit) -> tuple[torch.Tensor, QuantState]:
     if getattr(state, "packing_format_for_cpu", False):
         data, state = _convert_weight_packed_for_cpu_inverse(data, state)
     return data, state
+
+
+# Values decoded per step of the torch fallback: bounds its temporaries (indices, scales) to a few MiB.
+_CHUNK = 1 << 20
+
+
+def _dequantize_flat_into(data: torch.Tensor, state: QuantState, out: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' 4-bit decode in plain torch, written into `out` chunk by chunk.
+
+    The CPU fallback when the native kernel is unavailable. Not `dequantize_4bit`: it allocates the whole
+    output on every call, and on AVX-512 CPUs bitsandbytes 0.50.2 indexes absmax per row when a row ends
+    inside a block (in_features not a multiple of the blocksize), which decodes those layers to other
+    weights than `quantize_4bit` encoded. This follows the flat block layout `quantize_4bit` writes, with
+    the same arithmetic as bitsandbytes' generic implementation (code value times fp32 absmax, one
+    rounding to the output dtype), so it is bit-identical to it and to the native kernel.
+    """
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float()
+    code = state.code.to(torch.float32)
+    pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)  # byte -> (high, low) values
+    packed = data.view(-1)
+    flat = out.view(-1)
+    n, blocksize = flat.numel(), state.blocksize
+    step = max(_CHUNK - _CHUNK % (2 * blocksize), 2 * blocksize)  # whole blocks and whole bytes per chunk
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        values = pairs.index_select(0, packed[start // 2 : (stop + 1) // 2].int()).view(-1)
+        first, full = start // blocksize, (stop - start) // blocksize
+        whole = full * blocksize
+        if full:
+            torch.mul(
+                values[:whole].view(full, blocksize),
+                absmax[first : first + full].unsqueeze(1),
+                out=flat[start : start + whole].view(full, blocksize),
+            )
+        if start + whole < stop:  # the last, partial block
+            torch.mul(values[whole : stop - start], absmax[first + full], out=flat[start + whole : stop])
+    return out
 
 
 def _expected_bytes(weight: torch.Tensor, n: int) -> int:
