@@ -48,10 +48,10 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor | None]]) -> list[st
         if tensor is None or not torch.is_floating_point(tensor) or tensor.device.type == "meta":
             continue
         names.append(name)
-        flags.append(torch.isfinite(tensor).all().to("cpu", non_blocking=True))
+        flags.append(torch.isfinite(tensor).all())
     if not flags:
         return []
-    finite = torch.stack(flags).tolist()
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # the one device sync
     return [name for name, ok in zip(names, finite, strict=True) if not ok]
 
 
@@ -97,7 +97,11 @@ class NonFiniteGuard(Callback):
     ) -> None:
         params = _optimizer_params(optimizer)
         names = _param_names(pl_module)
-        bad_grads = nonfinite_names((names.get(id(p), "?"), p.grad) for p in params)
+        bad_grads: list[str] = []
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            # With fp16 loss scaling, inf gradients are expected now and then: the GradScaler skips
+            # those steps and lowers the scale itself. A non-finite loss still stops training.
+            bad_grads = nonfinite_names((names.get(id(p), "?"), p.grad) for p in params)
         bad_loss, self._bad_loss = self._bad_loss, None
         local = bad_loss is not None or bool(bad_grads)
         # Gradients are all-reduced, the loss is not: every process must take the same decision.
