@@ -5,9 +5,10 @@ workspace, the update added in place, no gradient) and, with dropout on, the bas
 dropped-out input (PEFT's rule). Its extra parameter (one magnitude per output row) is negligible.
 
 The same seeded Llama-style model (``--model-size``, random weights) trains with batch 1 x 256 random
-tokens, LoRA r=64, alpha=16, dropout 0.1 on every linear layer but the LM head, AdamW lr 2e-4, in a plain
-loop: ``lora`` / ``dora`` over an NF4 + double-quant base (QLoRA / QDoRA) and over the 32-bit base. Each
-configuration runs in a fresh process; configurations interleave, every other round reversed. Memory is
+tokens, LoRA r=64, alpha=16, dropout 0.1 (``--lora-dropout``; results then go to ``dora_cost_dropout<p>``)
+on every linear layer but the LM head, AdamW lr 2e-4, in a plain loop: ``lora`` / ``dora`` over an NF4 +
+double-quant base (QLoRA / QDoRA) and over the 32-bit base. Each configuration runs in a fresh process;
+configurations interleave, every other round reversed. Memory is
 the worker's peak resident set (``VmHWM``, reset after setup), from /proc/self/status.
 
 Run as ``python -m benchmarks.dora_cost [--model-size small] [--repeats 3] [--steps 8]``.
@@ -41,7 +42,7 @@ NAME = "dora_cost"
 CONFIGS = ("qlora", "qdora", "lora32", "dora32")
 
 
-def worker(config: str, model_size: str, steps: int, warmup: int, result_path: str) -> None:
+def worker(config: str, model_size: str, steps: int, warmup: int, dropout: float, result_path: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,7 +53,7 @@ def worker(config: str, model_size: str, steps: int, warmup: int, result_path: s
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**llama_size(model_size)))
     inject_adapters(
-        model, LoRAConfig(r=64, alpha=16.0, dropout=0.1, use_dora=config.startswith(("qdora", "dora")))
+        model, LoRAConfig(r=64, alpha=16.0, dropout=dropout, use_dora=config.startswith(("qdora", "dora")))
     )
     set_trainable(model)
     if config.startswith("q"):
@@ -84,17 +85,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lora-dropout", type=float, default=0.1, help="0 shows DoRA's cost without dropout")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     args = parser.parse_args()
     set_threads(args.threads)
     if args.worker:
-        worker(args.worker, args.model_size, args.steps, args.warmup, args.result)
+        worker(args.worker, args.model_size, args.steps, args.warmup, args.lora_dropout, args.result)
         return
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.configs}
     for round_index, name in interleaved(args.configs, args.repeats):
         worker_args = ["--worker", name, "--model-size", args.model_size, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--threads", str(args.threads or 0)]  # fmt: skip
+                       "--warmup", str(args.warmup), "--threads", str(args.threads or 0),
+                       "--lora-dropout", str(args.lora_dropout)]  # fmt: skip
         result = run_worker(f"benchmarks.{NAME}", worker_args, timeout=3600)
         progress = {"round": round_index, "config": name, "s_per_step": result.get("s_per_step"),
                     "peak_mib": result.get("train_peak_mib"), "error": result.get("error")}  # fmt: skip
@@ -123,8 +126,9 @@ def main() -> None:
     table = markdown_table(rows, columns, formats)
     payload = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                "runs": runs}  # fmt: skip
-    write_results(args.out, NAME, payload, table)
-    report_written(args.out, NAME, table, time.perf_counter() - started)
+    name = NAME if args.lora_dropout == 0.1 else f"{NAME}_dropout{args.lora_dropout:g}"
+    write_results(args.out, name, payload, table)
+    report_written(args.out, name, table, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

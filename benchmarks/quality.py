@@ -59,6 +59,9 @@ class RunSpec:
     quant_type: str | None = None
     double_quant: bool = True
     train: bool = True
+    use_dora: bool = False
+    init: str = "default"
+    loftq_iter: int = 1
 
 
 SPECS: dict[str, RunSpec] = {
@@ -68,10 +71,13 @@ SPECS: dict[str, RunSpec] = {
         RunSpec("nf4", "QLoRA NF4", "nf4", False),
         RunSpec("fp4", "QLoRA FP4 + DQ", "fp4", True),
         RunSpec("lora32", "LoRA, fp32 base", None),
+        RunSpec("qdora", "QDoRA NF4 + DQ", "nf4", True, use_dora=True),
+        RunSpec("loftq", "QLoRA NF4 + DQ, LoftQ init (4 rounds)", "nf4", True, init="loftq", loftq_iter=4),
         RunSpec("untuned", "untuned (fp32)", None, train=False),
     )
 }
-COLORS = {"nf4_dq": "tab:blue", "nf4": "tab:cyan", "fp4": "tab:red", "lora32": "black", "untuned": "gray"}
+COLORS = {"nf4_dq": "tab:blue", "nf4": "tab:cyan", "fp4": "tab:red", "lora32": "black", "untuned": "gray",
+          "qdora": "tab:green", "loftq": "tab:purple"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,15 @@ def run_one(
     callbacks = [curve]
     if spec.train:
         callbacks.append(
-            LoRA(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, modules_to_save=modules_to_save)
+            LoRA(
+                r=args.r,
+                alpha=args.alpha,
+                dropout=args.lora_dropout,
+                modules_to_save=modules_to_save,
+                use_dora=spec.use_dora,
+                init=spec.init,
+                loftq_iter=spec.loftq_iter,
+            )
         )
     optimizer = OptimizerConfig(
         name=args.optimizer, lr=args.lr, scheduler=args.scheduler, warmup_ratio=args.warmup_ratio
