@@ -10,6 +10,7 @@ would only replace good work with garbage), then the error goes on.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import sys
@@ -145,7 +146,15 @@ def trainable_weights_finite(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.requires_grad)
 
 
+def hydra_quote(value: str) -> str:
+    """A value Hydra's override parser reads back verbatim: quoted when it holds `=`, `,`, spaces, ...
+    (a sweep's job folder such as `0_lora.r=4,optimizer.lr=0.001` would otherwise read as a sweep)."""
+    if re.fullmatch(r"[A-Za-z0-9_./:-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def resume_command(overrides: Sequence[str], checkpoint: Path, program: str = "lightning-qlora-train") -> str:
     """The same job's overrides with `ckpt_path` pointing at the checkpoint, ready to paste in a shell."""
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
-    return shlex.join([program, *kept, f"ckpt_path={checkpoint}"])
+    return shlex.join([program, *kept, f"ckpt_path={hydra_quote(str(checkpoint))}"])

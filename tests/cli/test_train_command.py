@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,11 +18,12 @@ import pytest
 from omegaconf import DictConfig
 
 import lightning_qlora
+from lightning_qlora.cli.interrupt import resume_command
 from lightning_qlora.cli.job import build_loggers
 
 CLI_TESTS = Path(__file__).resolve().parent
 TINY = [
-    "experiment=alpaca_tiny_llama",
+    "experiment=smoke_tiny_llama",
     "data.batch_size=4",
     "data.max_length=24",
     "trainer.limit_val_batches=1",
@@ -90,11 +92,11 @@ def test_answers_without_importing_torch_or_lightning(tmp_path: Path, args: list
 
 
 def test_help_lists_groups_and_applies_overrides(tmp_path: Path) -> None:
-    proc = run_cli(["--help", "experiment=alpaca_tiny_llama"], cwd=tmp_path, timeout=300)
+    proc = run_cli(["--help", "experiment=smoke_tiny_llama"], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"lightning-qlora-train {lightning_qlora.__version__}" in proc.stdout
     assert "logger: csv, none, tensorboard, wandb" in proc.stdout
-    assert "task_name: alpaca_tiny_llama" in proc.stdout
+    assert "task_name: smoke_tiny_llama" in proc.stdout
     bad = run_cli(["--help", "lora.rr=3"], cwd=tmp_path, timeout=300)
     assert bad.returncode == 2
     assert "lora.rr" in bad.stderr
@@ -115,6 +117,20 @@ def test_tensorboard_missing_is_a_clear_error(
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"needs the `tensorboard` package: `pip install tensorboard`"):
         build_loggers(compose_train("logger=tensorboard").logger)
+
+
+def test_resume_command_survives_the_shell_and_hydra() -> None:
+    """A sweep job's folder holds `=` and `,`: the printed ckpt_path must not read as a sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    checkpoint = Path("/runs/multirun/0_lora.r=4,optimizer.lr=0.001/checkpoints/interrupted.ckpt")
+    command = resume_command(["lora.r=4", "optimizer.lr=0.001", "ckpt_path=old.ckpt"], checkpoint)
+    args = shlex.split(command)
+    assert args[:3] == ["lightning-qlora-train", "lora.r=4", "optimizer.lr=0.001"]
+    (override,) = OverridesParser.create().parse_overrides(args[3:])
+    assert override.key_or_group == "ckpt_path"
+    assert not override.is_sweep_override()
+    assert override.value() == str(checkpoint)
 
 
 def _summary(run_dir: Path) -> dict:
@@ -148,7 +164,9 @@ def test_ctrl_c_keeps_a_loadable_adapter_and_a_checkpoint_that_resumes(tmp_path:
     assert any("lora_A" in name for name, _ in peft_model.named_parameters())
 
     resumed_dir = tmp_path / "resumed"
-    resume_args = [a for a in summary["resume_command"].split()[1:] if not a.startswith("+callbacks.sigint")]
+    resume_args = [
+        a for a in shlex.split(summary["resume_command"])[1:] if not a.startswith("+callbacks.sigint")
+    ]
     proc = run_cli([*resume_args, f"hydra.run.dir={resumed_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = _summary(resumed_dir)
