@@ -27,6 +27,7 @@ from lightning_qlora.lora.resume_checks import CHECKPOINT_KEY, base_fingerprint,
 from lightning_qlora.precision import QLoRAPrecision
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
 from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linear_layers
+from lightning_qlora.resumable import warn_if_resume_is_not_exact
 from lightning_qlora.strategies.support import require_supported_strategy
 
 _OWN_ARGUMENTS = ("export_dir", "export_module", "adapter_only_checkpoints", "max_skipped_steps")
@@ -156,6 +157,7 @@ class LoRA(Callback):
         self.guard.on_train_start(trainer, pl_module)
         adapted = [cast(nn.Module, m) for _, m in adapter_modules(pl_module)]
         ensure_training(pl_module, adapted, "LoRA", "adapts")
+        warn_if_resume_is_not_exact(trainer)
 
     @override
     def on_before_backward(

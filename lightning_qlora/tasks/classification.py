@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import Accuracy, F1Score
 
+from lightning_qlora.resumable import EpochRandomSampler, ResumableDataLoader
+
 from .data_files import RecordSchema, check_validation_split, label_range_check, read_splits
 
 if TYPE_CHECKING:
@@ -203,7 +205,7 @@ class JsonlDataModule(pl.LightningDataModule):
         self.setup()
         if "batch_sampler" not in kwargs:
             kwargs["batch_size"] = self.batch_size
-        return DataLoader(
+        return ResumableDataLoader(
             self.datasets[split],
             collate_fn=self.collate,
             num_workers=self.num_workers,
@@ -212,7 +214,9 @@ class JsonlDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        # Shuffled by seed + epoch (not by a generator's running state) so a resumed run sees the same batches
+        self.setup()
+        return self.loader("train", sampler=EpochRandomSampler(self.datasets["train"], self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("validation")

@@ -18,6 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 from torchmetrics.text import Perplexity
 
+from lightning_qlora.resumable import EpochRandomSampler
+
 from .classification import (
     JsonlDataModule,
     TokenCountingModule,
@@ -108,7 +110,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     batch with the longest example first so an out-of-memory error shows up at the first step. The
     mega-batches keep batch composition random; the sort makes the padding small.
 
-    The epoch advances on every ``__iter__`` (Lightning only calls ``set_epoch`` on plain samplers). For
+    The order is a function of ``seed + epoch`` alone, so a resumed run sees the batches an uninterrupted one
+    would. The epoch lives in ``sampler`` (the seeded shuffle of the indices), where Lightning calls
+    ``set_epoch`` at each epoch start; outside Lightning it also advances on every ``__iter__``. For
     several processes pass ``num_replicas``/``rank`` and use ``Trainer(use_distributed_sampler=False)``.
     """
 
@@ -131,17 +135,25 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
-        self.epoch = 0
+        self.sampler = EpochRandomSampler(range(len(self.lengths)), seed)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         n, size = len(self.lengths), self.batch_size
         return math.ceil((n // size if self.drop_last else math.ceil(n / size)) / self.num_replicas)
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = self.sampler.epoch_generator()  # the same draws as iterating self.sampler
         self.epoch += 1
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         mega = self.batch_size * self.mega_batch_mult
