@@ -103,3 +103,32 @@ def test_an_overflowing_update_stops_training_before_any_export(tmp_path: Path) 
 def test_max_skipped_steps_is_checked(value: object) -> None:
     with pytest.raises(ValueError, match="max_skipped_steps"):
         NonFiniteGuard(value)  # type: ignore[arg-type]
+
+
+class ScaledOverflow(TinyClassifier):
+    """A finite loss whose scaled gradients overflow on the first step only (the scale then halves)."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        w = next(p for p in self.parameters() if p.requires_grad)
+        spike = w.sum() * 1e34  # same value added and taken away: only the gradient is huge
+        return loss + spike - spike.detach()
+
+
+def test_overflows_under_fp16_loss_scaling_are_left_to_the_grad_scaler(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    module = ScaledOverflow()
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        callbacks=[LoRA(r=4)],
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, toy_loader())
+    assert scaler.get_scale() < 2.0**16  # the scaler saw the overflow and skipped that step itself
+    assert all(torch.isfinite(p).all() for p in module.parameters())
