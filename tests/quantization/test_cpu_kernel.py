@@ -426,14 +426,17 @@ def test_build_errors_name_the_compiler(tmp_path: Path) -> None:
 def test_two_processes_building_at_once(tmp_path: Path) -> None:
     """DDP ranks start together on an empty cache: both must load a complete library."""
     code = """
-        from lightning_qlora.quantization.backends import cpu_kernel
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("cpu_kernel", sys.argv[1])
+        cpu_kernel = sys.modules["cpu_kernel"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cpu_kernel)
         assert cpu_kernel.kernel_available()
         print("ok")
     """
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)],
+            [sys.executable, "-c", textwrap.dedent(code), cpu_kernel.__file__],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
