@@ -6,12 +6,14 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 TINY = [
-    "experiment=alpaca_tiny_llama",
+    "experiment=smoke_tiny_llama",
     "logger=none",
     "model.num_samples_to_generate=1",
     "model.max_new_tokens=4",
@@ -59,3 +61,10 @@ def test_a_diverging_run_exits_non_zero_and_keeps_the_good_export(tmp_path: Path
     assert "DivergenceError: Training diverged at optimizer step 2" in bad.stderr
     assert digest(export) == before
     assert not list(tmp_path.glob(".adapter.*"))  # no leftover temporary folder next to it
+
+
+def test_max_skipped_steps_is_a_lora_setting(compose_train: Callable[..., DictConfig]) -> None:
+    from hydra.utils import instantiate
+
+    assert instantiate(compose_train().lora).guard.max_skipped_steps == 0  # off by default
+    assert instantiate(compose_train("lora.max_skipped_steps=3").lora).guard.max_skipped_steps == 3
