@@ -117,7 +117,7 @@ def inject_adapters(
             dtype=config.dtype,
         )
         layer.train(linear.training)
-        if loftq is not None:
+        if loftq is not None and not matches_any(name, loftq.exclude):  # kept full precision: plain init
             apply_loftq(layer, loftq, config.loftq_iter)
         set_submodule(model, name, layer)
         adapted.append(name)

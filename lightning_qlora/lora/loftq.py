@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_qlora._names import describe_names, logical_name
+from lightning_qlora._names import describe_names, logical_name, matches_any
 from lightning_qlora._settings import check_int
 from lightning_qlora.lora.dora import DoRALinear
 from lightning_qlora.lora.layer import LoRALinear
@@ -144,13 +144,15 @@ def _pad_rank(
 def check_loftq_ready(
     layers: Sequence[tuple[str, nn.Module]], quantization: QuantizationConfig | None
 ) -> QuantizationConfig:
-    """Refuse LoftQ before any work unless a 4-bit format is given and every layer is still full precision."""
+    """Refuse LoftQ before any work unless a 4-bit format is given and every layer it will quantize (those
+    `quantization.exclude` does not keep in full precision) is still full precision."""
     if quantization is None:
         raise ValueError(
             "LoRA init='loftq' initialises adapters from the 4-bit quantization residual, so it needs the "
             "quantization format: train with QLoRAPrecision (or pass quantization=QuantizationConfig(...) to "
             "inject_adapters). Without a 4-bit base use init='default'."
         )
+    layers = [(name, layer) for name, layer in layers if not matches_any(name, quantization.exclude)]
     four_bit = [logical_name(name) for name, layer in layers if is_linear4bit(layer)]
     meta = [
         logical_name(name)

@@ -89,6 +89,18 @@ def test_loftq_needs_a_format_and_full_precision_weights() -> None:
         inject_adapters(model, LoRAConfig(r=4, init="loftq"), quantization=NF4)
 
 
+def test_layers_the_quantizer_keeps_in_full_precision_get_plain_init() -> None:
+    """LoftQ quantizes only what QLoRAPrecision would: an excluded layer keeps its weight and B = 0."""
+    model = nn.Sequential(_structured_linear(0, 64, 64), nn.ReLU(), _structured_linear(1, 64, 64))
+    weight = model[2].weight.detach().clone()
+    keep_last = QuantizationConfig(compute_dtype="float32", exclude=("2",))
+    inject_adapters(model, LoRAConfig(r=4, init="loftq"), quantization=keep_last)
+    first, last = model[0], model[2]
+    assert is_quantized(first.base_layer) and torch.count_nonzero(first.lora_B) > 0
+    assert type(last.base_layer) is nn.Linear and torch.equal(last.base_layer.weight, weight)
+    assert torch.count_nonzero(last.lora_B) == 0
+
+
 def test_lora_loftq_without_qlora_precision_is_refused_at_setup(tmp_path: Path) -> None:
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=tmp_path,
                          callbacks=[LoRA(r=4, init="loftq")], enable_checkpointing=False)  # fmt: skip
