@@ -124,8 +124,8 @@ def main() -> None:
     columns = ["config", "s_per_step", "step_vs_lora", "train_peak_mib", "peak_vs_lora", "trainable", "runs"]
     formats = {"s_per_step": ".3f", "step_vs_lora": ".2f", "train_peak_mib": ".0f", "peak_vs_lora": ".3f"}
     table = markdown_table(rows, columns, formats)
-    payload = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items() if k != "out"}, "rows": rows,
-               "runs": runs}  # fmt: skip
+    settings = {k: str(v) for k, v in vars(args).items() if k != "out"}  # no machine paths in results
+    payload = {"machine": machine_info(), "args": settings, "rows": rows, "runs": runs}
     name = NAME if args.lora_dropout == 0.1 else f"{NAME}_dropout{args.lora_dropout:g}"
     write_results(args.out, name, payload, table)
     report_written(args.out, name, table, time.perf_counter() - started)

@@ -137,8 +137,8 @@ def main() -> None:
     table = markdown_table(rows, columns, {"rel_output_error": ".4f", "vs_plain": ".3f", "init_s": ".1f"})
     if skipped:
         table += "\n" + "\n".join(f"Skipped {name}: {why}" for name, why in skipped.items()) + "\n"
-    payload = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items() if k != "out"}, "rows": rows,
-               "skipped": skipped}  # fmt: skip
+    settings = {k: str(v) for k, v in vars(args).items() if k != "out"}  # no machine paths in results
+    payload = {"machine": machine_info(), "args": settings, "rows": rows, "skipped": skipped}
     write_results(args.out, NAME, payload, table)
     report_written(args.out, NAME, table, time.perf_counter() - started)
 
