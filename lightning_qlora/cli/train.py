@@ -2,7 +2,8 @@
 
     lightning-qlora-train                                  # MiniLM sentiment, NF4 + DQ, a few CPU minutes
     lightning-qlora-train lora.r=16 precision=nf4 trainer.max_steps=100
-    lightning-qlora-train experiment=alpaca_tiny_llama logger=wandb
+    lightning-qlora-train experiment=smollm2_instruct      # SmolLM2-135M-Instruct, exact match before/after
+    lightning-qlora-train experiment=smoke_tiny_llama logger=wandb   # pipeline smoke test
     lightning-qlora-train -m lora.r=8,64                   # one run per value
     lightning-qlora-train --cfg job                        # print the composed config and exit
     lightning-qlora-train --version
@@ -205,6 +206,7 @@ def summarize(
         "overrides": overrides,
         "metric": compare(cfg.metric.name, cfg.metric.mode, before, after),
         "validation": {"untuned": before, "tuned": after},
+        "samples": _samples(parts.model),
         "train": {
             "steps": trainer.global_step,
             "epochs": trainer.current_epoch,
@@ -232,6 +234,15 @@ def summarize(
         write_summary(summary, run_dir)
         print("\n" + format_summary(summary), flush=True)
     return summary
+
+
+def _samples(model: Any) -> dict[str, Any] | None:
+    """Generated answers of the first (untuned) and last (tuned) validation, for modules that keep them."""
+    history = getattr(model, "sample_history", None)
+    if not isinstance(history, dict) or not history:
+        return None
+    first, last = min(history), max(history)
+    return {"untuned": history[first] if first == 0 else None, "tuned": history[last] if last > 0 else None}
 
 
 def _plot(cfg: DictConfig, parts: JobParts) -> Path | None:

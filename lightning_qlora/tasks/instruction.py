@@ -1,8 +1,10 @@
-"""Alpaca-style instruction tuning of a causal language model.
+"""Instruction tuning of a causal language model: alpaca prompts, or the model's own chat template.
 
 The loss is on the response only: prompt tokens and padding get the label ``-100``, so the model is not
-trained to reproduce the (repetitive) prompt template. As in :mod:`.classification`, LoRA, quantization
-and the optimizer are applied from outside by the Trainer, so there is no ``configure_optimizers``.
+trained to reproduce the (repetitive) prompt template. A chat model (SmolLM2-Instruct) is prompted through
+its tokenizer's chat template, as it was trained; its answers can be scored by exact match. As in
+:mod:`.classification`, LoRA, quantization and the optimizer are applied from outside by the Trainer,
+so there is no ``configure_optimizers``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from datasets import Dataset
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
+from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from lightning_qlora.pretrained import resolve_model_path
 from lightning_qlora.resumable import EpochRandomSampler
 
 from .classification import (
+    DATA_DIR,
     JsonlDataModule,
     TokenCountingModule,
     check_pretrained_dir,
@@ -67,6 +72,24 @@ def format_prompt(record: Mapping[str, Any]) -> str:
     return PROMPT_TEMPLATE["prompt_no_input"].format(instruction=record["instruction"])
 
 
+def chat_user_message(record: Mapping[str, Any]) -> str:
+    """The user turn of a chat prompt: the instruction, then the input (if any) after a blank line."""
+    extra = str(record.get("input") or "").strip()
+    return f"{record['instruction']}\n\n{extra}" if extra else str(record["instruction"])
+
+
+def format_chat_prompt(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The prompt as the model's chat template writes it, up to where the assistant's answer starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"chat_template=true needs a tokenizer with a chat template; {tokenizer.name_or_path!r} has "
+            "none. Use chat_template=false (the alpaca prompt) or a chat model's folder."
+        )
+    messages = [{"role": "user", "content": chat_user_message(record)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return str(text)
+
+
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int, int]:
     """(bos, eos, pad) ids, falling back to [CLS]/[SEP] for WordPiece tokenizers that have no BOS/EOS."""
 
@@ -83,17 +106,25 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, i
 
 
 def encode_instruction(
-    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int
+    record: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    chat_template: bool = False,
 ) -> dict[str, list[int]]:
     """Tokenize prompt and response separately so the labels can mask the prompt exactly.
 
     If the pair is too long, the response keeps at least a quarter of ``max_length`` (so every example has
     some loss) and the prompt is cut from the left, which keeps ``### Response:`` next to the answer.
+    With ``chat_template`` the prompt is the tokenizer's chat template (which writes its own start
+    tokens, so no BOS is added) and the response ends with the template's end-of-turn token (EOS).
     """
     bos, eos, _ = special_token_ids(tokenizer)
-    prompt = ([bos] if bos is not None else []) + list(
-        tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
-    )
+    if chat_template:
+        prompt = list(tokenizer(format_chat_prompt(record, tokenizer), add_special_tokens=False)["input_ids"])
+    else:
+        prompt = ([bos] if bos is not None else []) + list(
+            tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
+        )
     response = [*tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"], eos]
     if len(prompt) + len(response) > max_length:
         keep_response = min(len(response), max(max_length - len(prompt), max_length // 4))
@@ -175,10 +206,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
 
 class InstructionDataModule(JsonlDataModule):
-    """The packaged alpaca records, with response-only labels and (optionally) length-grouped batches.
+    """Packaged instruction records, with response-only labels and (optionally) length-grouped batches.
 
     Use the tokenizer of the model being trained: the MiniLM default matches
-    :class:`CausalLMInstructionModule` built from a config; for a pretrained model pass its folder.
+    :class:`CausalLMInstructionModule` built from a config; for a pretrained model pass its folder (or a
+    name of :mod:`lightning_qlora.pretrained`). ``dataset`` names a packaged folder (``alpaca``: open-ended
+    answers; ``skills``: computed answers, for exact match) and is ignored when ``data_dir`` is given.
+    ``chat_template`` prompts through the tokenizer's chat template instead of the alpaca template;
+    ``eval_batch_size`` (default: ``batch_size``) sizes validation batches, which generation makes slow.
     """
 
     default_data = "alpaca"
@@ -193,11 +228,25 @@ class InstructionDataModule(JsonlDataModule):
         num_workers: int = 0,
         seed: int = 42,
         validation_split: float | None = None,
+        dataset: str = "alpaca",
+        chat_template: bool = False,
+        eval_batch_size: int | None = None,
     ) -> None:
+        packaged = sorted(p.name for p in DATA_DIR.iterdir() if (p / "train.jsonl").is_file())
+        if data_dir is None and dataset not in packaged:
+            raise ValueError(f"dataset={dataset!r} is not a packaged dataset; choose one of {packaged}.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be a positive integer or null, got {eval_batch_size}.")
+        if tokenizer_path is not None:  # a model name (e.g. smollm2-135m-instruct) becomes its folder
+            tokenizer_path = str(resolve_model_path(tokenizer_path))
         super().__init__(
             data_dir, tokenizer_path, batch_size, max_length, num_workers, seed, validation_split
         )
+        if data_dir is None:
+            self.data_dir = DATA_DIR / dataset
         self.group_by_length = group_by_length
+        self.chat_template = chat_template
+        self.eval_batch_size = eval_batch_size
         # tokenizer_path is left out: with a logger, Lightning merges these hparams with the module's and
         # refuses differing values, yet the module may hold None (its pretrained folder) for the same path.
         # The module checks that the tokenizers agree instead (on_fit_start).
@@ -209,9 +258,11 @@ class InstructionDataModule(JsonlDataModule):
         )
 
     def encode(self, split: Dataset) -> Dataset:
-        tokenizer, max_length = self.tokenizer, self.max_length
+        tokenizer, max_length, chat = self.tokenizer, self.max_length, self.chat_template
+        if chat:
+            format_chat_prompt({"instruction": ""}, tokenizer)  # no chat template: fail before the map
         return split.map(
-            lambda r: encode_instruction(r, tokenizer, max_length), remove_columns=split.column_names
+            lambda r: encode_instruction(r, tokenizer, max_length, chat), remove_columns=split.column_names
         )
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -233,12 +284,23 @@ class InstructionDataModule(JsonlDataModule):
         )
         return self.loader("train", batch_sampler=sampler)
 
+    def val_dataloader(self) -> DataLoader:
+        if self.eval_batch_size is None:
+            return super().val_dataloader()
+        self.setup()
+        batches = BatchSampler(SequentialSampler(self.datasets["validation"]), self.eval_batch_size, False)
+        return self.loader("validation", batch_sampler=batches)
+
 
 class CausalLMInstructionModule(TokenCountingModule):
     """A causal LM (pretrained, or a tiny Llama built from a config) trained on response tokens.
 
     Logs ``train/loss``, ``val/loss``, ``val/ppl`` and the token counters; after each validation epoch it
-    greedily answers the first ``num_samples_to_generate`` validation prompts and logs the text.
+    greedily answers the first ``num_samples_to_generate`` validation prompts and logs the text. With
+    ``exact_match`` it answers every validation prompt (greedy, batched) and logs ``val/exact_match``: the
+    share of answers equal to the reference once whitespace and a final period are ignored.
+    ``pretrained_path`` is a model folder or a name from :mod:`lightning_qlora.pretrained`
+    (``smollm2-135m-instruct``). The samples of each validation, by step, are kept in ``sample_history``.
     """
 
     def __init__(
@@ -248,15 +310,24 @@ class CausalLMInstructionModule(TokenCountingModule):
         tokenizer_path: str | None = None,
         num_samples_to_generate: int = 2,
         max_new_tokens: int = 16,
+        exact_match: bool = False,
     ) -> None:
         super().__init__()
         if pretrained_path is not None and model_config is not None:
             raise ValueError("Pass either pretrained_path or model_config, not both.")
-        path = check_pretrained_dir(pretrained_path) if pretrained_path is not None else None
+        if max_new_tokens < 1 or num_samples_to_generate < 0:
+            raise ValueError(
+                f"max_new_tokens must be >= 1 and num_samples_to_generate >= 0, got {max_new_tokens} "
+                f"and {num_samples_to_generate}."
+            )
+        path = (
+            check_pretrained_dir(resolve_model_path(pretrained_path)) if pretrained_path is not None else None
+        )
         self.save_hyperparameters()
         from transformers import AutoModelForCausalLM, LlamaConfig
 
-        tokenizer_source = tokenizer_path or path or default_pretrained_path()
+        tokenizer_source = (resolve_model_path(tokenizer_path) if tokenizer_path else None) or path
+        tokenizer_source = tokenizer_source or default_pretrained_path()
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(tokenizer_source)
         bos, eos, pad = special_token_ids(self.tokenizer)
         self.model: PreTrainedModel
@@ -271,8 +342,13 @@ class CausalLMInstructionModule(TokenCountingModule):
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes
         self.num_samples_to_generate = num_samples_to_generate
         self.max_new_tokens = max_new_tokens
+        self.exact_match = exact_match
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_exact_match = MeanMetric()
         self._sample_prompts: list[Tensor] = []
+        self._samples: list[dict[str, str]] = []
+        self.sample_history: dict[int, list[dict[str, str]]] = {}
+        """Greedy samples of each validation run by global step: {step: [{prompt, response, reference}]}."""
 
     def on_fit_start(self) -> None:
         """Different tokenizers in data and model train on garbage ids without any error: refuse early."""
@@ -294,6 +370,7 @@ class CausalLMInstructionModule(TokenCountingModule):
 
     def on_validation_epoch_start(self) -> None:
         self._sample_prompts = []
+        self._samples = []
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -302,51 +379,107 @@ class CausalLMInstructionModule(TokenCountingModule):
         size = batch["input_ids"].size(0)
         self.log("val/loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
         self.log("val/ppl", self.val_ppl, on_step=False, on_epoch=True, batch_size=size)
-        for ids, labels, mask in zip(
-            batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
-        ):
-            if len(self._sample_prompts) >= self.num_samples_to_generate:
-                break
-            response = (labels != IGNORE_INDEX).nonzero()
-            prompt_len = int(response[0]) if len(response) else int(mask.sum())
-            self._sample_prompts.append(ids[:prompt_len].detach())
+        prompts, references = split_prompts(batch)
+        if self.exact_match:
+            responses = self.generate_answers(prompts)
+            hits = [
+                normalize_answer(r) == normalize_answer(self._decode(ref))
+                for r, ref in zip(responses, references, strict=True)
+            ]
+            self.val_exact_match.update(torch.tensor(hits, dtype=torch.float32))
+            self.log(
+                "val/exact_match",
+                self.val_exact_match,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=size,
+            )
+            for prompt, response, reference in zip(prompts, responses, references, strict=True):
+                if len(self._samples) < self.num_samples_to_generate:
+                    self._samples.append(
+                        {
+                            "prompt": self._decode(prompt),
+                            "response": response,
+                            "reference": self._decode(reference),
+                        }
+                    )
+        else:
+            room = self.num_samples_to_generate - len(self._sample_prompts)
+            self._sample_prompts.extend(p.detach() for p in prompts[: max(room, 0)])
         return out.loss
 
+    def _decode(self, ids: Tensor) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
     @torch.no_grad()
-    def generate_samples(self, prompts: Sequence[Tensor]) -> list[tuple[str, str]]:
-        """Greedy answers, one prompt at a time so no (left-)padding is needed for a decoder-only model."""
+    def generate_answers(self, prompts: Sequence[Tensor]) -> list[str]:
+        """Greedy answers to unpadded prompts, as one left-padded batch (a decoder continues on the right).
+
+        Generation stops at EOS or after ``max_new_tokens``; the answers are decoded without special tokens.
+        """
+        if not prompts:
+            return []
         _, eos, pad = special_token_ids(self.tokenizer)
-        rows = []
-        for prompt in prompts:
-            ids = prompt.unsqueeze(0).to(self.device)
-            out = self.model.generate(  # type: ignore[operator]
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=self.max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-            texts = [prompt, out[0, ids.size(1) :]]
-            prompt_text, response = (str(self.tokenizer.decode(t, skip_special_tokens=True)) for t in texts)
-            rows.append((prompt_text, response))
-        return rows
+        longest = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), longest), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt) :] = prompt.to(self.device)
+            mask[row, longest - len(prompt) :] = 1
+        out = self.model.generate(  # type: ignore[operator]
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        return [self._decode(row[longest:]) for row in out]
+
+    def generate_samples(self, prompts: Sequence[Tensor]) -> list[tuple[str, str]]:
+        """(prompt, greedy answer) pairs for unpadded prompt ids."""
+        return [(self._decode(p), r) for p, r in zip(prompts, self.generate_answers(prompts), strict=True)]
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self._sample_prompts:
+        if self.trainer.sanity_checking:
             return
-        rows = self.generate_samples(self._sample_prompts)
-        self._sample_prompts = []
+        if not self.exact_match and self._sample_prompts:
+            self._samples = [
+                {"prompt": p, "response": r} for p, r in self.generate_samples(self._sample_prompts)
+            ]
+        rows, self._samples, self._sample_prompts = self._samples, [], []
+        if not rows:
+            return
+        self.sample_history[self.global_step] = rows
         if not self.trainer.is_global_zero:
             return
+        columns = list(rows[0])
         text_loggers = [lg for lg in self.loggers if callable(getattr(lg, "log_text", None))]
         for lg in text_loggers:
             lg.log_text(  # type: ignore[attr-defined]
                 key="val/samples",
-                columns=["prompt", "response"],
-                data=[list(r) for r in rows],
+                columns=columns,
+                data=[[row[c] for c in columns] for row in rows],
                 step=self.global_step,
             )
         if not text_loggers:
-            for prompt, response in rows:
-                log.info("step %d sample\nprompt: %s\nresponse: %s", self.global_step, prompt, response)
+            for row in rows:
+                text = "\n".join(f"{c}: {row[c]}" for c in columns)
+                log.info("step %d sample\n%s", self.global_step, text)
+
+
+def split_prompts(batch: Mapping[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Each row's prompt ids (before its first label) and reference ids (the labels, without padding)."""
+    prompts, references = [], []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        response = (labels != IGNORE_INDEX).nonzero()
+        prompt_len = int(response[0]) if len(response) else int(mask.sum())
+        prompts.append(ids[:prompt_len])
+        references.append(labels[labels != IGNORE_INDEX])
+    return prompts, references
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: words joined by single spaces, without a final period."""
+    return " ".join(text.split()).removesuffix(".").strip()

@@ -144,7 +144,7 @@ def test_lora32_baseline_is_unquantized_sentiment(compose_train: Compose) -> Non
 
 
 def test_causal_lm_shares_its_tokenizer_with_the_data(compose_train: Compose) -> None:
-    cfg = compose_train("experiment=alpaca_tiny_llama", "model.pretrained_path=/models/llama")
+    cfg = compose_train("experiment=smoke_tiny_llama", "model.pretrained_path=/models/llama")
     assert cfg.model.tokenizer_path == "/models/llama"
     assert cfg.data.tokenizer_path == "/models/llama"
     assert cfg.lora.modules_to_save == []
@@ -174,7 +174,7 @@ def test_the_default_model_and_data_build(compose_train: Compose) -> None:
 
 
 def test_the_tiny_causal_lm_builds(compose_train: Compose) -> None:
-    cfg = compose_train("experiment=alpaca_tiny_llama")
+    cfg = compose_train("experiment=smoke_tiny_llama")
     model = instantiate(cfg.model)
     assert model.model.config.hidden_size == 64
     assert instantiate(cfg.data).tokenizer_path.name == "model"  # the bundled MiniLM tokenizer folder

@@ -105,7 +105,7 @@ def test_console_script_multirun(tmp_path: Path) -> None:
     """`lightning-qlora-train -m lora.r=4,8` on the tiny causal LM: one run folder per value."""
     sweep = tmp_path / "sweep"
     args = [
-        "-m", "experiment=alpaca_tiny_llama", "lora.r=4,8", "trainer.max_steps=1", "logger=none",
+        "-m", "experiment=smoke_tiny_llama", "lora.r=4,8", "trainer.max_steps=1", "logger=none",
         "model.num_samples_to_generate=1", "model.max_new_tokens=4", *FAST, f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
     proc = subprocess.run(
