@@ -179,26 +179,13 @@ static inline void build_table16(const float* code, float scale, int kind, uint1
 #endif
 }
 
-/* Expand `nbytes` packed bytes into 2 * nbytes 32-bit values through a 16-entry table. */
-static inline __attribute__((always_inline)) void expand32(const uint8_t* a, const uint32_t* table, uint32_t* o, long long nbytes) {
-    long long i = 0;
-#if defined(LQ_AVX512)
-    const __m512i tab = _mm512_loadu_si512((const void*)table);
+#if defined(LQ_AVX2)
+/* AVX2 expansion of a multiple of 16 bytes, the table in registers: entries 0-7 and 8-15 (32-bit). */
+static inline __attribute__((always_inline)) void expand32_ymm(
+    const uint8_t* a, __m256i tab_lo, __m256i tab_hi, uint32_t* o, long long nbytes
+) {
     const __m128i mask4 = _mm_set1_epi8(0x0F);
-    for (; i + 16 <= nbytes; i += 16) {
-        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
-        const __m128i lo = _mm_and_si128(raw, mask4);
-        const __m512i idx0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
-        const __m512i idx1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));
-        _mm512_storeu_si512((void*)(o + 2 * i), _mm512_permutexvar_epi32(idx0, tab));
-        _mm512_storeu_si512((void*)(o + 2 * i + 16), _mm512_permutexvar_epi32(idx1, tab));
-    }
-#elif defined(LQ_AVX2)
-    const __m256i tab_lo = _mm256_loadu_si256((const __m256i*)table);
-    const __m256i tab_hi = _mm256_loadu_si256((const __m256i*)(table + 8));
-    const __m128i mask4 = _mm_set1_epi8(0x0F);
-    for (; i + 16 <= nbytes; i += 16) {
+    for (long long i = 0; i < nbytes; i += 16) {
         const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
         const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
         const __m128i lo = _mm_and_si128(raw, mask4);
@@ -216,6 +203,54 @@ static inline __attribute__((always_inline)) void expand32(const uint8_t* a, con
             _mm256_storeu_si256((__m256i*)(o + 2 * i + 8 * p), v);
         }
     }
+}
+
+/* The same for 16-bit entries (h0: entries 0-7, h1: 8-15): pshufb looks up 16 bytes, so one lookup takes
+ * the low bytes of the entries and one the high bytes. */
+static inline __attribute__((always_inline)) void expand16_ymm(
+    const uint8_t* a, __m128i h0, __m128i h1, uint16_t* o, long long nbytes
+) {
+    const __m128i byte_mask = _mm_set1_epi16(0x00FF);
+    const __m256i tab_low = _mm256_broadcastsi128_si256(
+        _mm_packus_epi16(_mm_and_si128(h0, byte_mask), _mm_and_si128(h1, byte_mask)));
+    const __m256i tab_high =
+        _mm256_broadcastsi128_si256(_mm_packus_epi16(_mm_srli_epi16(h0, 8), _mm_srli_epi16(h1, 8)));
+    const __m128i mask4 = _mm_set1_epi8(0x0F);
+    for (long long i = 0; i < nbytes; i += 16) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+        const __m128i lo = _mm_and_si128(raw, mask4);
+        /* lane 0: values 0..15, lane 1: values 16..31 */
+        const __m256i idx =
+            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(hi, lo)), _mm_unpackhi_epi8(hi, lo), 1);
+        const __m256i low = _mm256_shuffle_epi8(tab_low, idx);
+        const __m256i high = _mm256_shuffle_epi8(tab_high, idx);
+        const __m256i words_a = _mm256_unpacklo_epi8(low, high); /* values 0..7 | 16..23 */
+        const __m256i words_b = _mm256_unpackhi_epi8(low, high); /* values 8..15 | 24..31 */
+        _mm256_storeu_si256((__m256i*)(o + 2 * i), _mm256_permute2x128_si256(words_a, words_b, 0x20));
+        _mm256_storeu_si256((__m256i*)(o + 2 * i + 16), _mm256_permute2x128_si256(words_a, words_b, 0x31));
+    }
+}
+#endif
+
+/* Expand `nbytes` packed bytes into 2 * nbytes 32-bit values through a 16-entry table. */
+static inline __attribute__((always_inline)) void expand32(const uint8_t* a, const uint32_t* table, uint32_t* o, long long nbytes) {
+    long long i = 0;
+#if defined(LQ_AVX512)
+    const __m512i tab = _mm512_loadu_si512((const void*)table);
+    const __m128i mask4 = _mm_set1_epi8(0x0F);
+    for (; i + 16 <= nbytes; i += 16) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+        const __m128i lo = _mm_and_si128(raw, mask4);
+        const __m512i idx0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+        const __m512i idx1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));
+        _mm512_storeu_si512((void*)(o + 2 * i), _mm512_permutexvar_epi32(idx0, tab));
+        _mm512_storeu_si512((void*)(o + 2 * i + 16), _mm512_permutexvar_epi32(idx1, tab));
+    }
+#elif defined(LQ_AVX2)
+    i = nbytes & ~15LL;
+    expand32_ymm(a, _mm256_loadu_si256((const __m256i*)table), _mm256_loadu_si256((const __m256i*)(table + 8)), o, i);
 #endif
     for (; i < nbytes; ++i) {
         const uint8_t byte = a[i];
@@ -240,30 +275,10 @@ static inline __attribute__((always_inline)) void expand16(const uint8_t* a, con
         _mm512_storeu_si512((void*)(o + 2 * i), _mm512_permutexvar_epi16(idx, tab));
     }
 #elif defined(LQ_AVX2)
-    /* pshufb looks up 16 bytes: one lookup for the low bytes of the entries, one for the high bytes. */
-    uint8_t low_bytes[16];
-    uint8_t high_bytes[16];
-    for (int j = 0; j < 16; ++j) {
-        low_bytes[j] = (uint8_t)(table[j] & 0xFF);
-        high_bytes[j] = (uint8_t)(table[j] >> 8);
-    }
-    const __m256i tab_low = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)low_bytes));
-    const __m256i tab_high = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)high_bytes));
-    const __m128i mask4 = _mm_set1_epi8(0x0F);
-    for (; i + 16 <= nbytes; i += 16) {
-        const __m128i raw = _mm_loadu_si128((const __m128i*)(a + i));
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
-        const __m128i lo = _mm_and_si128(raw, mask4);
-        /* lane 0: values 0..15, lane 1: values 16..31 */
-        const __m256i idx =
-            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(hi, lo)), _mm_unpackhi_epi8(hi, lo), 1);
-        const __m256i low = _mm256_shuffle_epi8(tab_low, idx);
-        const __m256i high = _mm256_shuffle_epi8(tab_high, idx);
-        const __m256i words_a = _mm256_unpacklo_epi8(low, high); /* values 0..7 | 16..23 */
-        const __m256i words_b = _mm256_unpackhi_epi8(low, high); /* values 8..15 | 24..31 */
-        _mm256_storeu_si256((__m256i*)(o + 2 * i), _mm256_permute2x128_si256(words_a, words_b, 0x20));
-        _mm256_storeu_si256((__m256i*)(o + 2 * i + 16), _mm256_permute2x128_si256(words_a, words_b, 0x31));
-    }
+    i = nbytes & ~15LL;
+    const __m128i h0 = _mm_loadu_si128((const __m128i*)table);
+    const __m128i h1 = _mm_loadu_si128((const __m128i*)(table + 8));
+    expand16_ymm(a, h0, h1, o, i);
 #endif
     for (; i < nbytes; ++i) {
         const uint8_t byte = a[i];
@@ -317,6 +332,27 @@ static inline __attribute__((always_inline)) void run_whole_block_avx512(
         expand16_zmm(a, _mm512_castsi256_si512(h), (uint16_t*)job->out + b * bs, bs / 2);
     }
 }
+#elif defined(LQ_AVX2) && defined(__F16C__)
+#define LQ_WHOLE_BLOCKS_AVX2 1
+static inline __attribute__((always_inline)) void run_whole_block_avx2(
+    const lq_job* job, __m256 code_lo, __m256 code_hi, long long b, float scale
+) {
+    const long long bs = job->blocksize;
+    const uint8_t* a = job->packed + b * (bs / 2);
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256 v0 = _mm256_mul_ps(code_lo, s);
+    const __m256 v1 = _mm256_mul_ps(code_hi, s);
+    if (job->out_kind == LQ_OUT_F32) {
+        expand32_ymm(a, _mm256_castps_si256(v0), _mm256_castps_si256(v1), (uint32_t*)job->out + b * bs, bs / 2);
+    } else if (job->out_kind == LQ_OUT_BF16) {
+        expand16_ymm(a, bf16_round_avx2(v0), bf16_round_avx2(v1), (uint16_t*)job->out + b * bs, bs / 2);
+    } else {
+#define LQ_RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+        expand16_ymm(a, _mm256_cvtps_ph(v0, LQ_RNE), _mm256_cvtps_ph(v1, LQ_RNE), (uint16_t*)job->out + b * bs,
+                     bs / 2);
+#undef LQ_RNE
+    }
+}
 #endif
 
 static void run_blocks(const lq_job* job) {
@@ -325,9 +361,14 @@ static void run_blocks(const lq_job* job) {
     const long long nbs = job->absmax_f32 != NULL ? 1 : job->nested_blocksize;
     long long nested_index = job->block_begin / nbs;
     long long nested_end = (nested_index + 1) * nbs;
-#if defined(LQ_AVX512)
+#if defined(LQ_AVX512) || defined(LQ_WHOLE_BLOCKS_AVX2)
     const long long whole_end = bs % 32 == 0 ? job->n / bs : 0; /* blocks before this one are whole */
+#endif
+#if defined(LQ_AVX512)
     const __m512 codev = _mm512_loadu_ps(job->code);
+#elif defined(LQ_WHOLE_BLOCKS_AVX2)
+    const __m256 code_lo = _mm256_loadu_ps(job->code);
+    const __m256 code_hi = _mm256_loadu_ps(job->code + 8);
 #endif
     for (long long b = job->block_begin; b < job->block_end; ++b) {
         if (b == nested_end) {
@@ -337,6 +378,12 @@ static void run_blocks(const lq_job* job) {
 #if defined(LQ_AVX512)
         if (b < whole_end) {
             run_whole_block_avx512(job, codev, b, block_scale(job, b, nested_index));
+            continue;
+        }
+#endif
+#if defined(LQ_WHOLE_BLOCKS_AVX2)
+        if (b < whole_end) {
+            run_whole_block_avx2(job, code_lo, code_hi, b, block_scale(job, b, nested_index));
             continue;
         }
 #endif
