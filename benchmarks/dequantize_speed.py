@@ -24,6 +24,7 @@ includes waiting for a core, and the CPU time at one thread is the steadier comp
 from __future__ import annotations
 
 import ctypes
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -203,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     info = machine_info()
     kernel = cpu_kernel.kernel_info()
+    if kernel is not None:  # the file name (a hash of source, compiler, flags, CPU), not this machine's path
+        kernel["path"] = os.path.basename(str(kernel["path"]))
     columns = [
         "shape",
         "out",
