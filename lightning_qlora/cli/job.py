@@ -47,10 +47,15 @@ SETUP_ERRORS: tuple[type[Exception], ...] = (
 def run_config_errors() -> dict[type[Exception], str]:
     """Errors raised once training starts that still mean "this config is wrong", and the node to blame."""
     from lightning_qlora.lora.inject import PatternMatchError
-    from lightning_qlora.quantization.convert import NoLinearLayersError
+    from lightning_qlora.quantization.convert import ExcludePatternError, NoLinearLayersError
     from lightning_qlora.strategies import NoTrainableParametersError
 
-    return {PatternMatchError: "lora", NoTrainableParametersError: "lora", NoLinearLayersError: "model"}
+    return {
+        PatternMatchError: "lora",
+        NoTrainableParametersError: "lora",
+        NoLinearLayersError: "model",
+        ExcludePatternError: "precision",
+    }
 
 
 class SetupError(RuntimeError):
@@ -149,6 +154,8 @@ def build(cfg: DictConfig) -> JobParts:
             read_records()
     with building("model"):
         model = instantiate(cfg.model)
+    with building("lora.export_module"):  # a wrong name would otherwise fail only after training
+        lora.check_export_module(model)
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     return JobParts(
         precision, lora, throughput, fit_validation, interrupt, curves, datamodule, model, loggers, trainer

@@ -76,7 +76,7 @@ class LoRA(Callback):
                 f"LoRA export_module must be an attribute name, '.' or None, got {export_module!r}."
             )
         self._check_exclude = tuple(self.config.exclude) != DEFAULT_EXCLUDE
-        self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.export_dir = check_export_dir(Path(export_dir)) if export_dir is not None else None
         self.export_module = export_module
         self.adapter_only_checkpoints = check_bool(
             "LoRA", "adapter_only_checkpoints", adapter_only_checkpoints
@@ -98,6 +98,7 @@ class LoRA(Callback):
             self._inject_after_configure_model(pl_module)
         if any(True for _ in iter_linear_layers(pl_module)):
             self.inject(pl_module)
+            self.check_export_module(pl_module)
         elif not is_overridden("configure_model", pl_module):
             raise NoLinearLayersError(
                 f"{type(pl_module).__name__} has no torch.nn.Linear layer to adapt. Build the model in "
@@ -119,6 +120,19 @@ class LoRA(Callback):
             rank_zero_info(summarize(pl_module).table())
         return new
 
+    def check_export_module(self, pl_module: nn.Module, built: bool = False) -> None:
+        """Refuse an `export_module` that names no submodule now, not when fit ends and the work is done.
+
+        A module that builds its model in `configure_model` is checked once that ran (`built`).
+        """
+        if self.export_module is None:
+            return
+        later = not built and isinstance(pl_module, pl.LightningModule)
+        later = later and is_overridden("configure_model", pl_module)
+        if later and not isinstance(getattr(pl_module, self.export_module, None), nn.Module):
+            return  # not built yet: checked right after configure_model
+        export_root(pl_module, self.export_module)
+
     def _inject_after_configure_model(self, pl_module: pl.LightningModule) -> None:
         """Models built in `configure_model` exist only after Callback.setup: adapt them right after."""
         if self._original_configure_model is not None:
@@ -128,6 +142,7 @@ class LoRA(Callback):
         def configure_model_then_inject() -> None:
             original()
             self.inject(pl_module)
+            self.check_export_module(pl_module, built=True)
 
         self._original_configure_model = original
         self._patched_module = pl_module
@@ -255,12 +270,28 @@ def export_root(pl_module: nn.Module, attribute: str | None = None) -> nn.Module
     if attribute is not None:
         root = getattr(pl_module, attribute, None)
         if not isinstance(root, nn.Module):
+            children = [name for name, _ in pl_module.named_children()]
             raise AttributeError(
-                f"export_module={attribute!r} is not a submodule of {type(pl_module).__name__}."
+                f"export_module={attribute!r} is not a submodule of {type(pl_module).__name__}; allowed: '.' "
+                f"(the module itself), null (its `model`, if any) or one of {children}."
             )
         return root
     candidate = getattr(pl_module, "model", None)
     return candidate if isinstance(candidate, nn.Module) else pl_module
+
+
+def check_export_dir(path: Path) -> Path:
+    """The adapters are written as a folder: refuse a path that is, or lies under, an existing file."""
+    for folder in (path, *path.parents):
+        if folder.exists():  # (follows links: a link to a folder is written through)
+            if not folder.is_dir():
+                where = "is" if folder == path else f"lies under {str(folder)!r}, which is"
+                raise NotADirectoryError(
+                    f"LoRA export_dir={str(path)!r} {where} an existing file; the adapters are written as a "
+                    "folder (adapter_config.json + adapter_model.safetensors). Pass a new or existing folder."
+                )
+            break
+    return path
 
 
 def _warn_about_trained_modules_outside(pl_module: nn.Module, root: nn.Module) -> None:

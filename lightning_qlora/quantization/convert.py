@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 
 import torch
@@ -9,8 +10,8 @@ from torch import nn
 
 from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
-from lightning_qlora._names import logical_name, matches_any
-from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora._names import describe_names, logical_name, matches_any, unmatched_patterns
+from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
     is_linear4bit,
@@ -22,6 +23,30 @@ from lightning_qlora.quantization.layers import (
 
 class NoLinearLayersError(ValueError):
     """The model has no `nn.Linear` layer, so there is nothing to quantize or adapt."""
+
+
+class ExcludePatternError(ValueError):
+    """A user-given `exclude` pattern names no linear layer: what it meant to keep would be quantized."""
+
+
+def check_exclude_patterns(model: nn.Module, config: QuantizationConfig) -> None:
+    """Raise if a pattern of a user-given `exclude` names no linear layer, listing layers that exist.
+
+    As for LoRA's patterns, the default (``lm_head``) is exempt: many models have no LM head.
+    """
+    if tuple(config.exclude) == DEFAULT_EXCLUDE:
+        return
+    names = [logical_name(n) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+    missing = unmatched_patterns(names, config.exclude)
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        close = sorted({c for p in missing for c in difflib.get_close_matches(p, [*leaves, *names], n=3)})
+        hint = f" Did you mean {close}?" if close else ""
+        raise ExcludePatternError(
+            f"QLoRAPrecision exclude pattern(s) {missing} match no linear layer of {type(model).__name__}, "
+            f"so nothing is kept in full precision for them.{hint} Some linear layers that exist: "
+            f"{describe_names(names)}."
+        )
 
 
 def iter_linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
@@ -72,6 +97,7 @@ def replace_linear_layers(
     on CUDA gets quantized on CUDA.
     """
     require_linear_layers(model)
+    check_exclude_patterns(model, config)
     converted = []
     for name, linear in quantization_targets(model, config):
         if linear.weight.device.type == "meta":

@@ -56,13 +56,41 @@ def check_pretrained_dir(path: str | Path, argument: str = "pretrained_path") ->
     return folder
 
 
+TOKENIZER_FILES: tuple[tuple[str, ...], ...] = (
+    ("tokenizer.json",),  # any fast tokenizer
+    ("vocab.txt",),  # WordPiece (BERT)
+    ("tokenizer.model",),  # SentencePiece (Llama, T5)
+    ("spiece.model",),
+    ("sentencepiece.bpe.model",),
+    ("vocab.json", "merges.txt"),  # byte-level BPE (GPT-2)
+)
+"""Each entry is a set of files that, together, let transformers rebuild a tokenizer."""
+
+
+def check_tokenizer_files(path: str | Path, argument: str = "tokenizer_path") -> Path:
+    """Refuse a model folder without tokenizer files before any training.
+
+    transformers would otherwise build a tokenizer from the config alone (a BERT one with a 5-token
+    vocabulary: every word [UNK]) or blame a missing library, and the run would train on garbage ids.
+    """
+    folder = Path(path).expanduser()
+    if any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        return folder
+    expected = " or ".join(" + ".join(names) for names in TOKENIZER_FILES)
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise FileNotFoundError(
+        f"{argument}={str(path)!r} has no tokenizer files: expected {expected} (written by the tokenizer's "
+        f"save_pretrained); found {present}. Copy the tokenizer files of the model into the folder, or "
+        "point tokenizer_path at a folder that has them."
+    )
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local folder only (never the hub)."""
+    """Load a tokenizer from a local folder only (never the hub), refusing one without tokenizer files."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        str(check_pretrained_dir(path, "tokenizer_path")), local_files_only=True
-    )
+    folder = check_tokenizer_files(check_pretrained_dir(path, "tokenizer_path"))
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def load_jsonl_splits(
@@ -160,6 +188,8 @@ class JsonlDataModule(pl.LightningDataModule):
         self.tokenizer_path = (
             Path(tokenizer_path) if tokenizer_path is not None else default_pretrained_path()
         )
+        if (self.tokenizer_path / "config.json").is_file():  # a model folder: it must have its tokenizer
+            check_tokenizer_files(self.tokenizer_path)
         self.batch_size = batch_size
         self.max_length = max_length
         self.num_workers = num_workers
