@@ -32,12 +32,10 @@ class ExcludePatternError(ValueError):
 def check_exclude_patterns(model: nn.Module, config: QuantizationConfig) -> None:
     """Raise if a pattern of a user-given `exclude` names no linear layer, listing layers that exist.
 
-    As for LoRA's patterns, the default (``lm_head``) is exempt: many models have no LM head.
+    The default's pattern (``lm_head``) is exempt, alone or next to others: many models have no LM head.
     """
-    if tuple(config.exclude) == DEFAULT_EXCLUDE:
-        return
     names = [logical_name(n) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-    missing = unmatched_patterns(names, config.exclude)
+    missing = [p for p in unmatched_patterns(names, config.exclude) if p not in DEFAULT_EXCLUDE]
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         close = sorted({c for p in missing for c in difflib.get_close_matches(p, [*leaves, *names], n=3)})

@@ -77,6 +77,8 @@ def test_precision_exclude_matching_nothing_is_refused_before_the_first_step(tmp
     kept = TinyClassifier()  # a pattern that matches is kept in full precision, as before
     fit(kept, tmp_path, plugins=[QLoRAPrecision(exclude=["net.0", "lm_head"])], callbacks=[LoRA(r=4)])
     assert type(kept.model.net[0].base_layer) is nn.Linear
+    bert_like = TinyClassifier()  # "lm_head" next to a pattern that matches: still exempt
+    fit(bert_like, tmp_path, plugins=[QLoRAPrecision(exclude=["lm_head", "net.2"])], callbacks=[LoRA(r=4)])
     default = TinyClassifier()
     del default.model.lm_head  # the default ('lm_head') may match nothing: many models have no head
     default.model.lm_head = nn.Identity()  # type: ignore[assignment]
