@@ -82,13 +82,18 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"  {key}: untuned {_fmt(summary['validation']['untuned'].get(key))} -> {_fmt(value)}"
             )
     train = summary["train"]
+    recent = train.get("loss_last_steps")
     for key, value in train["final_metrics"].items():
-        if "tokens" not in key:  # the token counters are summarized below
+        if "tokens" in key:  # the token counters are summarized below
+            continue
+        if key == "train/loss" and recent:
+            lines.append(f"train/loss: {_fmt(recent['mean'])} (mean of the last {recent['steps']} steps)")
+        else:
             lines.append(f"last step {key}: {_fmt(value)}")
     rate = train["tokens_per_sec"]
     lines.append(
         f"training: {train['steps']} steps in {_fmt(train['time_s'], 1)} s"
-        + (f", {rate:,.0f} tokens/s ({train['tokens']:,} tokens)" if rate is not None else "")
+        + (f", {rate:,.0f} tokens/s over the run ({train['tokens']:,} tokens)" if rate is not None else "")
         + f"; whole job {_fmt(summary['wall_time_s'], 1)} s"
     )
     memory = summary["memory"]

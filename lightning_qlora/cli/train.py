@@ -211,6 +211,8 @@ def summarize(
             "steps": trainer.global_step,
             "epochs": trainer.current_epoch,
             "final_metrics": train_metrics,
+            # the last batch's loss is noisy; this is the mean over the last steps (at most 10)
+            "loss_last_steps": _recent_train_loss(parts),
             "time_s": throughput.train_time_s if throughput else None,
             "tokens": throughput.tokens if throughput else None,
             "tokens_per_sec": throughput.tokens_per_sec if throughput else None,
@@ -243,6 +245,12 @@ def _samples(model: Any) -> dict[str, Any] | None:
         return None
     first, last = min(history), max(history)
     return {"untuned": history[first] if first == 0 else None, "tuned": history[last] if last > 0 else None}
+
+
+def _recent_train_loss(parts: JobParts, steps: int = 10) -> dict[str, Any] | None:
+    """Mean training loss over the last `steps` optimizer steps (from the curve recorder)."""
+    losses = [loss for _, loss in parts.curves.curves.train_loss[-steps:]] if parts.curves else []
+    return {"mean": sum(losses) / len(losses), "steps": len(losses)} if losses else None
 
 
 def _plot(cfg: DictConfig, parts: JobParts) -> Path | None:
