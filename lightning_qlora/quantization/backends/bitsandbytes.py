@@ -4,9 +4,10 @@ touches bitsandbytes' internals (`Params4bit`, `quant_state`, `bnb_quantized`, p
 Layers are `QLoRALinear4bit`, a `bitsandbytes.nn.Linear4bit` subclass: PEFT, transformers and
 `isinstance` checks see a Linear4bit, state dicts have Linear4bit's keys, CUDA runs bitsandbytes' own
 kernels. Two things are added. On CPU the forward runs `frozen_linear`, which dequantizes into a reused
-workspace (through the native kernel of `cpu_kernel` where it is available) and keeps nothing
-dequantized for backward. And the layer reads its own state dict back (bitsandbytes writes the
-quant-state keys but does not load them: its issue 1946).
+workspace (through the native kernel of `cpu_kernel` where it is available, else a chunked plain-torch
+decode; both follow the flat block layout `quantize_4bit` writes) and keeps nothing dequantized for
+backward. And the layer reads its own state dict back (bitsandbytes writes the quant-state keys but does
+not load them: its issue 1946).
 """
 
 from __future__ import annotations
