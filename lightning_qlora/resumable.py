@@ -50,17 +50,21 @@ class EpochRandomSampler(RandomSampler):
 
 
 class _SkipFirst:
-    """A batch sampler view without its first ``skip`` batches (indices only: no data is loaded)."""
+    """The loader's batch sampler without the batches its resumed pass skips (indices only: nothing loads).
 
-    def __init__(self, inner: Any, skip: int) -> None:
+    DataLoader iterators keep the view they were given (persistent workers iterate it again each epoch),
+    so it reads the loader's skip, which is non-zero only while a resumed pass starts, on every pass.
+    """
+
+    def __init__(self, loader: ResumableDataLoader, inner: Any) -> None:
+        self.loader = loader
         self.inner = inner
-        self.skip = skip
 
     def __len__(self) -> int:
-        return max(len(self.inner) - self.skip, 0)
+        return max(len(self.inner) - self.loader._skip, 0)
 
     def __iter__(self) -> Iterator[Any]:
-        return islice(iter(self.inner), self.skip, None)
+        return islice(iter(self.inner), self.loader._skip, None)
 
 
 def _epoch_holders(loader: DataLoader) -> list[Any]:
@@ -118,8 +122,7 @@ class ResumableDataLoader(DataLoader):
     def _index_sampler(self) -> Any:
         # DataLoader's iterators read this when they start (and when persistent workers restart), so a
         # resumed pass begins after the delivered batches without loading them.
-        inner = super()._index_sampler
-        return _SkipFirst(inner, self._skip) if self._skip else inner
+        return _SkipFirst(self, super()._index_sampler)
 
     def _start_pass(self) -> tuple[int, int]:
         """The epoch of the pass that starts now, and how many of its batches to skip.

@@ -152,6 +152,27 @@ def test_the_loader_state_is_the_epoch_and_the_batches_delivered(tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_a_restored_loader_with_persistent_workers_skips_once(tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data", "sentiment")
+
+    def loader() -> DataLoader:
+        dm = SentimentDataModule(data_dir=str(data), batch_size=2, max_length=24, seed=5, num_workers=1)
+        return dm.train_dataloader()
+
+    def epoch(dl: DataLoader, number: int) -> list[list[int]]:
+        dl.sampler.set_epoch(number)  # type: ignore[attr-defined]  # as Lightning does
+        return [b["input_ids"].tolist() for b in dl]
+
+    reference = loader()
+    assert reference.persistent_workers
+    expected = [epoch(reference, 0), epoch(reference, 1)]
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 0, "batches": 3})
+    assert epoch(resumed, 0) == expected[0][3:]
+    assert epoch(resumed, 1) == expected[1]  # the same workers, a whole epoch
+
+
+@pytest.mark.slow
 def test_a_resume_with_a_loader_the_package_cannot_restore_warns_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
