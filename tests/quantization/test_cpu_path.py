@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from lightning_qlora.quantization import QuantizationConfig
@@ -312,3 +313,34 @@ def test_cuda_forward_close_to_dequantized_linear() -> None:
     x = torch.randn(8, 128, device="cuda")
     weight = dequantize_weight(layer, torch.float32)
     torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-4, atol=1e-4)
+
+
+class LargestOutput(TorchDispatchMode):
+    """The largest new tensor any torch operation makes (views and in-place writes make none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view, or an in-place / out= write into an existing tensor
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_no_full_size_allocation_per_call(dequant_path: str) -> None:
+    # Larger than the fallback's decode chunk (2**20 values), so a bounded temporary is smaller than it.
+    layer = four_bit(1024, 2048, bias=False)
+    full_size = 2048 * 1024 * 4
+    x = torch.randn(2, 1024, requires_grad=True)
+    layer(x).sum().backward()  # the workspace exists from here on
+    with LargestOutput() as mode:
+        layer(x).sum().backward()
+    assert mode.largest < full_size
+    with LargestOutput() as mode:  # bitsandbytes' own forward: a fresh dequantized weight per call
+        bnb.nn.Linear4bit.forward(layer, x).sum().backward()
+    assert mode.largest >= full_size
