@@ -72,7 +72,8 @@ def require_linear_layers(model: nn.Module) -> list[str]:
 
 
 def quantization_targets(model: nn.Module, config: QuantizationConfig) -> list[tuple[str, nn.Linear]]:
-    """The linear layers `config` selects, still in full precision."""
+    """The linear layers `config` selects, still in full precision (an `exclude` typo is refused)."""
+    check_exclude_patterns(model, config)
     return [
         (name, layer)
         for name, layer in iter_linear_layers(model)
@@ -95,7 +96,6 @@ def replace_linear_layers(
     on CUDA gets quantized on CUDA.
     """
     require_linear_layers(model)
-    check_exclude_patterns(model, config)
     converted = []
     for name, linear in quantization_targets(model, config):
         if linear.weight.device.type == "meta":

@@ -109,3 +109,14 @@ def test_a_model_folder_without_tokenizer_files_is_refused(model_without_tokeniz
 
     silent = AutoTokenizer.from_pretrained(str(model_without_tokenizer), local_files_only=True)
     assert torch.tensor(silent("the cat sat")["input_ids"]).unique().numel() <= 3
+
+
+def test_precision_exclude_typo_is_refused_when_loading_quantized_too() -> None:
+    from lightning_qlora import QuantizationConfig, load_quantized
+
+    state = TinyNet().state_dict()
+    with torch.device("meta"):
+        model = TinyNet()
+    with pytest.raises(ExcludePatternError, match=r"\['lm_haed'\] match no linear layer of TinyNet"):
+        load_quantized(model, state, QuantizationConfig(exclude=("lm_haed",)))
+    assert all(p.device.type == "meta" for p in model.parameters())  # refused before any tensor loaded
