@@ -131,7 +131,7 @@ def test_missing_package_names_the_install_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # importing the CLI's libraries took minutes on a 2-core CPU shared with other jobs
+@pytest.mark.timeout(1200)  # imports took minutes on a 2-core CPU shared with other jobs
 def test_training_command_without_the_package_fails_in_one_line(tmp_path: Path) -> None:
     proc = _run_hidden(
         ["-m", "lightning_qlora.cli.train", "experiment=smollm2_instruct", "logger=none"], tmp_path
