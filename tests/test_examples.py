@@ -46,7 +46,7 @@ def test_example_runs(script: str, args: list[str], expected: str, tmp_path: Pat
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # generous: imports alone can take minutes on a busy shared CPU
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{script} exited with {proc.returncode}:\n{output[-4000:]}"
