@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -14,11 +15,14 @@ from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._settings import check_bool, config_from, signature_with_fields
 from lightning_qlora.quantization.backends import get_backend
 from lightning_qlora.quantization.compute_dtype import resolve_compute_dtype
-from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
 from lightning_qlora.quantization.convert import replace_linear_layers, set_compute_dtype
 from lightning_qlora.quantization.layers import is_linear4bit, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
 from lightning_qlora.strategies.support import require_supported_strategy
+
+_OWN = PrecisionPluginSettings()  # the defaults of the plugin's own arguments
+_OWN_ARGUMENTS = tuple(f.name for f in fields(PrecisionPluginSettings))
 
 
 class QLoRAPrecision(Precision):
@@ -44,9 +48,13 @@ class QLoRAPrecision(Precision):
     precision = "32-true"
 
     def __init__(
-        self, config: QuantizationConfig | None = None, *, log_report: bool = True, **kwargs: Any
+        self,
+        config: QuantizationConfig | None = None,
+        *,
+        log_report: bool = _OWN.log_report,
+        **kwargs: Any,
     ) -> None:
-        self.config = config_from(QuantizationConfig, config, kwargs, "QLoRAPrecision", ("log_report",))
+        self.config = config_from(QuantizationConfig, config, kwargs, "QLoRAPrecision", _OWN_ARGUMENTS)
         get_backend(self.config.backend)  # a missing library fails here, with the fix, before any work
         self.log_report = check_bool("QLoRAPrecision", "log_report", log_report)
         self.report: QuantizationReport | None = None

@@ -3,17 +3,18 @@
 `conf/train.yaml` starts from `base_train_config`, so Hydra checks every override against these
 dataclasses while composing: `lora.r=abc` (wrong type) or `lora.rr=8` (unknown key) fails with a message
 naming the key, before a model is built. The `precision`, `lora` and `optimizer` schemas restate nothing:
-their keys, types and defaults are read off `QuantizationConfig`, `LoRAConfig` and `OptimizerConfig` (and
-the constructors' own arguments) by `settings_schema`, so a new setting is one new dataclass field. Nodes
-that carry arbitrary constructor arguments (`model`, `data`, `logger`, `callbacks`, `trainer.strategy`)
-stay untyped dicts; Hydra's struct mode still rejects a misspelled key there (add one with `+key=value`).
+their keys, types and defaults are read off `QuantizationConfig`, `LoRAConfig` and `OptimizerConfig` and
+the constructors' own arguments (`PrecisionPluginSettings`, `LoRACallbackSettings`) by `settings_schema`,
+so a new setting is one new dataclass field. Only those light modules are imported: `--help` and
+`--cfg job` need neither torch nor Lightning. Nodes that carry arbitrary constructor arguments (`model`,
+`data`, `logger`, `callbacks`, `trainer.strategy`) stay untyped dicts; Hydra's struct mode still rejects a
+misspelled key there (add one with `+key=value`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import os
 import types
 import typing
@@ -25,11 +26,9 @@ from typing import Any, TypeVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from lightning_qlora.lora.callback import LoRA
-from lightning_qlora.lora.config import LoRAConfig
-from lightning_qlora.precision import QLoRAPrecision
-from lightning_qlora.quantization.config import QuantizationConfig
-from lightning_qlora.strategies.optim import OptimizerConfig
+from lightning_qlora.lora.config import LoRACallbackSettings, LoRAConfig
+from lightning_qlora.optimizer_config import OptimizerConfig
+from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
 
 BASE_CONFIG_NAME = "base_train_config"
 
@@ -37,10 +36,11 @@ T = TypeVar("T")
 _PRIMITIVES: tuple[type, ...] = (bool, int, float, str)
 
 
-def settings_schema(config_cls: type, constructor: type | None = None) -> Callable[[type[T]], type[T]]:
-    """Complete a schema dataclass with the fields of `config_cls` and the own arguments of `constructor`.
+def settings_schema(config_cls: type, own_settings: type | None = None) -> Callable[[type[T]], type[T]]:
+    """Complete a schema dataclass with the fields of `config_cls` and then those of `own_settings`.
 
-    Keys, defaults and help texts are read off the settings dataclass (and the constructor's signature),
+    `own_settings` holds the constructor's arguments that are not fields of `config_cls` (`log_report`).
+    Keys, defaults and help texts are read off the settings dataclasses,
     with their types turned into ones OmegaConf can check (tuples become lists, mappings dicts, a
     `str | torch.dtype` a str). Fields written in the decorated class come first (`_target_`) or replace
     a derived default (`export_dir` for the command).
@@ -49,12 +49,9 @@ def settings_schema(config_cls: type, constructor: type | None = None) -> Callab
     def complete(schema: type[T]) -> type[T]:
         given = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
         given_types = typing.get_type_hints(schema)
-        hints = typing.get_type_hints(config_cls)
-        derived: list[tuple[str, Any, Any, Mapping[str, Any]]] = [
-            (f.name, hints[f.name], _default_of(f), f.metadata) for f in dataclasses.fields(config_cls)
-        ]
-        if constructor is not None:
-            derived += _constructor_arguments(constructor)
+        derived = _settings(config_cls)
+        if own_settings is not None:
+            derived += _settings(own_settings)
         entries: list[tuple[str, Any, Any]] = [
             (f.name, given_types[f.name], f) for f in given.values() if f.name.startswith("_")
         ]
@@ -86,16 +83,18 @@ def _default_of(f: dataclasses.Field[Any]) -> Any:
     raise TypeError(f"Settings field {f.name!r} has no default; every setting needs one for the schema.")
 
 
-def _constructor_arguments(constructor: type) -> list[tuple[str, Any, Any, Mapping[str, Any]]]:
-    """Keyword arguments of `constructor.__init__` other than `config` and `**kwargs`."""
-    init = constructor.__init__  # type: ignore[misc]
-    hints = typing.get_type_hints(init)
-    out: list[tuple[str, Any, Any, Mapping[str, Any]]] = []
-    for name, parameter in inspect.signature(init).parameters.items():
-        if name in ("self", "config") or parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            continue
-        out.append((name, hints[name], parameter.default, {}))
-    return out
+class _TorchNames:
+    """Stands in for `torch` when reading annotations such as `str | torch.dtype` without importing torch:
+    a dtype cannot be written in a Hydra config, so the schema keeps the other member of the union."""
+
+    class dtype:  # noqa: N801 (the name read off the annotation)
+        pass
+
+
+def _settings(settings_cls: type) -> list[tuple[str, Any, Any, Mapping[str, Any]]]:
+    """(name, annotation, default, metadata) of each field of a settings dataclass."""
+    hints = typing.get_type_hints(settings_cls, localns={"torch": _TorchNames})
+    return [(f.name, hints[f.name], _default_of(f), f.metadata) for f in dataclasses.fields(settings_cls)]
 
 
 def _schema_field(default: Any, metadata: Mapping[str, Any]) -> Any:
@@ -149,7 +148,7 @@ def _representable(annotation: Any) -> bool:
     return True
 
 
-@settings_schema(QuantizationConfig, QLoRAPrecision)
+@settings_schema(QuantizationConfig, PrecisionPluginSettings)
 @dataclass
 class PrecisionConf:
     """`lightning_qlora.QLoRAPrecision`: how the frozen base is stored (paper: NF4, blocksize 64, DQ).
@@ -160,7 +159,7 @@ class PrecisionConf:
     _target_: str = "lightning_qlora.QLoRAPrecision"
 
 
-@settings_schema(LoRAConfig, LoRA)
+@settings_schema(LoRAConfig, LoRACallbackSettings)
 @dataclass
 class LoRAConf:
     """`lightning_qlora.LoRA` callback: adapter rank and placement (paper: r=64, alpha=16, dropout 0.1).

@@ -1,34 +1,85 @@
 """LoRA adapters: the layer, where they go, the Callback, and PEFT-format files."""
 
-from lightning_qlora.lora.adapter import (
-    AdapterModule,
-    adapter_modules,
-    adapter_params,
-    is_adapter,
-    set_trainable_params,
-)
-from lightning_qlora.lora.callback import LoRA
-from lightning_qlora.lora.config import LoRAConfig
-from lightning_qlora.lora.dora import DoRALinear
-from lightning_qlora.lora.inject import (
-    AdapterSummary,
-    PatternMatchError,
-    adapter_layers,
-    adapter_parameters,
-    inject_adapters,
-    set_trainable,
-    summarize,
-)
-from lightning_qlora.lora.layer import LoRALinear
-from lightning_qlora.lora.loftq import LoftQInit, loftq_init, save_loftq_base
-from lightning_qlora.lora.merge import (
-    merge_adapters,
-    merge_in_place,
-    merged_state_dict,
-    save_merged,
-    unmerge_in_place,
-)
-from lightning_qlora.lora.peft_format import AdapterMismatchError, load_peft_adapter, save_peft_adapter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it (imported on first use, PEP 562)
+_EXPORTS: dict[str, str] = {
+    "AdapterModule": "lightning_qlora.lora.adapter",
+    "adapter_modules": "lightning_qlora.lora.adapter",
+    "adapter_params": "lightning_qlora.lora.adapter",
+    "is_adapter": "lightning_qlora.lora.adapter",
+    "set_trainable_params": "lightning_qlora.lora.adapter",
+    "LoRA": "lightning_qlora.lora.callback",
+    "LoRAConfig": "lightning_qlora.lora.config",
+    "DoRALinear": "lightning_qlora.lora.dora",
+    "AdapterSummary": "lightning_qlora.lora.inject",
+    "PatternMatchError": "lightning_qlora.lora.inject",
+    "adapter_layers": "lightning_qlora.lora.inject",
+    "adapter_parameters": "lightning_qlora.lora.inject",
+    "inject_adapters": "lightning_qlora.lora.inject",
+    "set_trainable": "lightning_qlora.lora.inject",
+    "summarize": "lightning_qlora.lora.inject",
+    "LoRALinear": "lightning_qlora.lora.layer",
+    "LoftQInit": "lightning_qlora.lora.loftq",
+    "loftq_init": "lightning_qlora.lora.loftq",
+    "save_loftq_base": "lightning_qlora.lora.loftq",
+    "merge_adapters": "lightning_qlora.lora.merge",
+    "merge_in_place": "lightning_qlora.lora.merge",
+    "merged_state_dict": "lightning_qlora.lora.merge",
+    "save_merged": "lightning_qlora.lora.merge",
+    "unmerge_in_place": "lightning_qlora.lora.merge",
+    "AdapterMismatchError": "lightning_qlora.lora.peft_format",
+    "load_peft_adapter": "lightning_qlora.lora.peft_format",
+    "save_peft_adapter": "lightning_qlora.lora.peft_format",
+}
+
+if TYPE_CHECKING:
+    from lightning_qlora.lora.adapter import (
+        AdapterModule,
+        adapter_modules,
+        adapter_params,
+        is_adapter,
+        set_trainable_params,
+    )
+    from lightning_qlora.lora.callback import LoRA
+    from lightning_qlora.lora.config import LoRAConfig
+    from lightning_qlora.lora.dora import DoRALinear
+    from lightning_qlora.lora.inject import (
+        AdapterSummary,
+        PatternMatchError,
+        adapter_layers,
+        adapter_parameters,
+        inject_adapters,
+        set_trainable,
+        summarize,
+    )
+    from lightning_qlora.lora.layer import LoRALinear
+    from lightning_qlora.lora.loftq import LoftQInit, loftq_init, save_loftq_base
+    from lightning_qlora.lora.merge import (
+        merge_adapters,
+        merge_in_place,
+        merged_state_dict,
+        save_merged,
+        unmerge_in_place,
+    )
+    from lightning_qlora.lora.peft_format import AdapterMismatchError, load_peft_adapter, save_peft_adapter
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "AdapterMismatchError",

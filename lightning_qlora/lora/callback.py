@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,7 +20,7 @@ from lightning_qlora._rng import capture_rng_state, restore_rng_state
 from lightning_qlora._settings import SettingTypeError, check_bool, config_from, signature_with_fields
 from lightning_qlora._train_mode import ensure_training
 from lightning_qlora.lora.adapter import adapter_modules
-from lightning_qlora.lora.config import LoRAConfig
+from lightning_qlora.lora.config import LoRACallbackSettings, LoRAConfig
 from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
 from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_trainable, summarize
 from lightning_qlora.lora.resume_checks import CHECKPOINT_KEY, base_fingerprint, check_resume, resume_record
@@ -30,7 +30,8 @@ from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linea
 from lightning_qlora.resumable import warn_if_resume_is_not_exact
 from lightning_qlora.strategies.support import require_supported_strategy
 
-_OWN_ARGUMENTS = ("export_dir", "export_module", "adapter_only_checkpoints", "max_skipped_steps")
+_OWN = LoRACallbackSettings()  # the defaults of the callback's own arguments
+_OWN_ARGUMENTS = tuple(f.name for f in fields(LoRACallbackSettings))
 
 
 class LoRA(Callback):
@@ -62,10 +63,10 @@ class LoRA(Callback):
         self,
         config: LoRAConfig | None = None,
         *,
-        export_dir: str | os.PathLike[str] | None = None,
-        export_module: str | None = None,
-        adapter_only_checkpoints: bool = True,
-        max_skipped_steps: int = 0,
+        export_dir: str | os.PathLike[str] | None = _OWN.export_dir,
+        export_module: str | None = _OWN.export_module,
+        adapter_only_checkpoints: bool = _OWN.adapter_only_checkpoints,
+        max_skipped_steps: int = _OWN.max_skipped_steps,
         **kwargs: Any,
     ) -> None:
         self.config = config_from(LoRAConfig, config, kwargs, "LoRA", _OWN_ARGUMENTS)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from lightning_qlora._settings import (
     SettingTypeError,
@@ -17,7 +17,10 @@ from lightning_qlora._settings import (
     check_number,
     check_patterns,
 )
-from lightning_qlora.quantization.config import COMPUTE_DTYPES, DEFAULT_EXCLUDE
+from lightning_qlora.quantization.config import COMPUTE_DTYPES, DEFAULT_EXCLUDE, torch_dtype
+
+if TYPE_CHECKING:  # imported when `dtype` is read, so the CLI's schema reads this module fast
+    import torch
 
 OWNER = "LoRA"
 # dtypes the A and B matrices may have (the names QuantizationConfig's compute_dtype takes, less "auto").
@@ -111,7 +114,7 @@ class LoRAConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        dtype = COMPUTE_DTYPES[self.adapter_dtype]
+        dtype = torch_dtype(self.adapter_dtype)
         assert dtype is not None
         return dtype
 
@@ -137,3 +140,14 @@ def _check_alpha(what: str, value: object) -> None:
         raise ValueError(f"LoRA {what} must be a finite positive number, got {value!r}.")
     if not value > 0:
         raise ValueError(f"LoRA {what} must be a positive number, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class LoRACallbackSettings:
+    """The `LoRA` callback's own arguments beside `LoRAConfig`, kept here so that the command's schema
+    reads them (and their defaults) without importing Lightning. The callback checks them."""
+
+    export_dir: str | os.PathLike[str] | None = None
+    export_module: str | None = None
+    adapter_only_checkpoints: bool = True
+    max_skipped_steps: int = 0

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from lightning_qlora.quantization.config import COMPUTE_DTYPES
+from lightning_qlora.quantization.config import torch_dtype
 
 
 @functools.cache
@@ -24,7 +24,7 @@ def cpu_has_native_bf16() -> bool:
 def resolve_compute_dtype(requested: str | torch.dtype, device: torch.device | str) -> torch.dtype:
     """The compute dtype to use on `device`; raise if an explicit one cannot run there."""
     device = torch.device(device)
-    dtype = requested if isinstance(requested, torch.dtype) else COMPUTE_DTYPES[requested]
+    dtype = requested if isinstance(requested, torch.dtype) else torch_dtype(requested)
     if dtype is None:
         return _auto_dtype(device)
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():

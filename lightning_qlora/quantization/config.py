@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from lightning_qlora._settings import check_bool, check_int, check_patterns
 from lightning_qlora.quantization.backends import DEFAULT_BACKEND, check_backend_name
+
+if TYPE_CHECKING:  # torch is imported when a dtype is needed, so the CLI's schema reads this module fast
+    import torch
 
 OWNER = "QLoRAPrecision"
 QuantType = Literal["nf4", "fp4"]
@@ -17,17 +19,28 @@ ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 # bitsandbytes' 4-bit kernels support these block sizes (CPU and CUDA).
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
+# compute_dtype names -> the torch dtype's attribute name (None: "auto", chosen per device)
+COMPUTE_DTYPES: dict[str, str | None] = {
     "auto": None,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "16": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "16": "float16",
 }
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype a `COMPUTE_DTYPES` name stands for (None for "auto")."""
+    import torch
+
+    attribute = COMPUTE_DTYPES[name]
+    return None if attribute is None else getattr(torch, attribute)
+
+
 # Like PEFT's "all-linear": the output head of a language model stays in full precision.
 DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head",)
 
@@ -64,10 +77,11 @@ class QuantizationConfig:
                 f"Unsupported blocksize {self.blocksize!r}; allowed: {', '.join(map(str, BLOCKSIZES))}."
             )
         check_bool(OWNER, "double_quant", self.double_quant)
-        if isinstance(self.compute_dtype, torch.dtype):
+        torch = sys.modules.get("torch")  # a torch.dtype can only be given once torch is imported
+        if torch is not None and isinstance(self.compute_dtype, torch.dtype):
             if not self.compute_dtype.is_floating_point:
                 raise ValueError(f"compute_dtype must be a floating dtype, got {self.compute_dtype}.")
-            if self.compute_dtype not in COMPUTE_DTYPES.values():
+            if str(self.compute_dtype).removeprefix("torch.") not in COMPUTE_DTYPES.values():
                 raise ValueError(
                     f"Unsupported compute_dtype {self.compute_dtype}: bitsandbytes' 4-bit matmul computes in "
                     "torch.float32, torch.bfloat16 or torch.float16."
@@ -79,3 +93,11 @@ class QuantizationConfig:
             )
         check_backend_name(self.backend)
         object.__setattr__(self, "exclude", check_patterns(OWNER, "exclude", self.exclude))
+
+
+@dataclass(frozen=True)
+class PrecisionPluginSettings:
+    """`QLoRAPrecision`'s own arguments beside `QuantizationConfig`, kept here so that the command's schema
+    reads them (and their defaults) without importing Lightning. The plugin checks them."""
+
+    log_report: bool = True

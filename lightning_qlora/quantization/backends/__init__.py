@@ -7,11 +7,15 @@ backend registers itself with `register_backend(name, factory)`.
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from lightning_qlora.quantization.backends.base import QuantizationBackend
+
+if (
+    TYPE_CHECKING
+):  # the config (and the CLI's schema) import this registry; torch only when a layer is looked at
+    import torch
+    from torch import nn
 
 DEFAULT_BACKEND = "bitsandbytes"
 
@@ -71,6 +75,8 @@ def get_backend(name: str = DEFAULT_BACKEND) -> QuantizationBackend:
 
 def backend_of(module: nn.Module) -> QuantizationBackend | None:
     """The backend whose 4-bit layer `module` is, or None for any other module."""
+    from torch import nn
+
     if not isinstance(module, nn.Linear):
         return None
     for name in _FACTORIES:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the config (and the CLI's schema) import this registry
+    import torch
+    from torch import nn
 
-if TYPE_CHECKING:
     from lightning_qlora.quantization.config import QuantizationConfig
 
 
