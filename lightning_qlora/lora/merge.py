@@ -37,11 +37,7 @@ def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
     if is_adapter(model):
         return _plain_linear(model, dtype)
     for name, module in list(model.named_modules()):
-        if (
-            name
-            and (is_adapter(module) or is_linear4bit(module))
-            and _attached(model, name, module)
-        ):
+        if name and (is_adapter(module) or is_linear4bit(module)) and _attached(model, name, module):
             set_submodule(model, name, _plain_linear(module, dtype))
     for module in model.modules():
         if KEEP_FULL_PRECISION_ATTR in vars(module):
