@@ -10,7 +10,6 @@ so there is no ``configure_optimizers``.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -133,60 +132,52 @@ def encode_instruction(
     return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
 
 
-class LengthGroupedBatchSampler(Sampler[list[int]]):
+class LengthGroupedBatchSampler(BatchSampler):
     """Batches of similar-length examples, in random order: far less padding than random batches.
 
-    Each epoch: shuffle all indices (seeded), cut them into mega-batches of ``batch_size * mega_batch_mult``,
-    sort each mega-batch by length and split it into batches, then shuffle the batch order, putting the
-    batch with the longest example first so an out-of-memory error shows up at the first step. The
-    mega-batches keep batch composition random; the sort makes the padding small.
+    Each epoch: take ``sampler``'s shuffled indices, cut them into mega-batches of ``batch_size *
+    mega_batch_mult``, sort each mega-batch by length and split it into batches, then shuffle the batch
+    order, putting the batch with the longest example first so an out-of-memory error shows up at the first
+    step. The mega-batches keep batch composition random; the sort makes the padding small.
 
-    The order is a function of ``seed + epoch`` alone, so a resumed run sees the batches an uninterrupted one
-    would. The epoch lives in ``sampler`` (the seeded shuffle of the indices), where Lightning calls
-    ``set_epoch`` at each epoch start; outside Lightning it also advances on every ``__iter__``. For
-    several processes pass ``num_replicas``/``rank`` and use ``Trainer(use_distributed_sampler=False)``.
+    It is a ``BatchSampler`` whose ``sampler`` decides which indices it sees and in what order, so under DDP
+    Lightning injects a ``DistributedSampler`` in its place and every rank groups its own disjoint shard
+    (the same number of batches on every rank). The order is a function of the sampler's ``seed + epoch``
+    alone, so a resumed run sees the batches an uninterrupted one would; Lightning calls ``set_epoch`` on
+    the sampler at each epoch start, and outside Lightning the epoch also advances on every ``__iter__``.
     """
 
     def __init__(
         self,
-        lengths: Sequence[int],
+        sampler: Sampler[int],
         batch_size: int,
-        mega_batch_mult: int = 8,
-        seed: int = 0,
         drop_last: bool = False,
-        num_replicas: int = 1,
-        rank: int = 0,
+        *,
+        lengths: Sequence[int],
+        mega_batch_mult: int = 8,
     ) -> None:
-        if batch_size < 1 or mega_batch_mult < 1:
-            raise ValueError("batch_size and mega_batch_mult must be positive")
+        if mega_batch_mult < 1:
+            raise ValueError(f"mega_batch_mult must be a positive integer, got {mega_batch_mult}.")
+        super().__init__(sampler, batch_size, drop_last)
         self.lengths = list(lengths)
-        self.batch_size = batch_size
         self.mega_batch_mult = mega_batch_mult
-        self.seed = seed
-        self.drop_last = drop_last
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.sampler = EpochRandomSampler(range(len(self.lengths)), seed)
 
     @property
     def epoch(self) -> int:
-        return self.sampler.epoch
-
-    @epoch.setter
-    def epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        return int(getattr(self.sampler, "epoch", 0))
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        n, size = len(self.lengths), self.batch_size
-        return math.ceil((n // size if self.drop_last else math.ceil(n / size)) / self.num_replicas)
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = self.sampler.epoch_generator()  # the same draws as iterating self.sampler
-        self.epoch += 1
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        epoch = self.epoch
+        order = list(self.sampler)  # this epoch's shuffle (this rank's shard under DDP)
+        self.set_epoch(epoch + 1)
+        # The batch order is drawn from a generator of its own, seeded like the sampler: the same epoch
+        # gives the same batches, on every rank and after a resume.
+        generator = torch.Generator().manual_seed(int(getattr(self.sampler, "seed", 0)) + epoch + 1_000_003)
         mega = self.batch_size * self.mega_batch_mult
         batches: list[list[int]] = []
         for start in range(0, len(order), mega):
@@ -198,10 +189,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         if batches:
             longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
             batches.insert(0, batches.pop(longest))
-        if self.num_replicas > 1:  # every rank gets the same number of batches
-            total = len(self) * self.num_replicas
-            padded = (batches * math.ceil(total / max(len(batches), 1)))[:total]
-            batches = padded[self.rank :: self.num_replicas]
         yield from batches
 
 
@@ -274,13 +261,10 @@ class InstructionDataModule(JsonlDataModule):
         if not self.group_by_length:
             return super().train_dataloader()
         self.setup()
-        trainer = self.trainer
+        lengths = [len(ids) for ids in self.datasets["train"]["input_ids"]]
+        # Built inside the hook, so under DDP Lightning re-creates it around a DistributedSampler.
         sampler = LengthGroupedBatchSampler(
-            [len(ids) for ids in self.datasets["train"]["input_ids"]],
-            self.batch_size,
-            seed=self.seed,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
+            EpochRandomSampler(range(len(lengths)), self.seed), self.batch_size, lengths=lengths
         )
         return self.loader("train", batch_sampler=sampler)
 

@@ -11,8 +11,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.fabric.utilities.data import _replace_dunder_methods
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
+from lightning_qlora.resumable import EpochRandomSampler
 from lightning_qlora.tasks import (
     CausalLMInstructionModule,
     InstructionDataModule,
@@ -134,10 +139,16 @@ def test_truncation_keeps_part_of_the_response(datamodule: InstructionDataModule
     assert datamodule.tokenizer.decode(ex["input_ids"][:-n_response]).endswith("response :")
 
 
+def grouped(lengths: list[int], seed: int = 3, **kwargs: Any) -> LengthGroupedBatchSampler:
+    return LengthGroupedBatchSampler(
+        EpochRandomSampler(range(len(lengths)), seed), 8, lengths=lengths, **kwargs
+    )
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_length_grouped_sampler_yields_every_index_once(drop_last: bool) -> None:
     lengths = [(i * 37) % 101 for i in range(103)]
-    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, mega_batch_mult=4, seed=3, drop_last=drop_last)
+    sampler = grouped(lengths, mega_batch_mult=4, drop_last=drop_last)
     first, second = list(sampler), list(sampler)
     for batches in (first, second):
         assert len(batches) == len(sampler)
@@ -151,9 +162,31 @@ def test_length_grouped_sampler_yields_every_index_once(drop_last: bool) -> None
     assert first != second  # a new order each epoch
     sampler.set_epoch(0)
     assert list(sampler) == first  # ...and reproducible
-    shards = [list(LengthGroupedBatchSampler(lengths, 8, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert len(shards[0]) == len(shards[1])
-    assert {i for shard in shards for b in shard for i in b} == set(range(103))
+    with pytest.raises(ValueError, match="mega_batch_mult must be a positive integer, got 0"):
+        grouped(lengths, mega_batch_mult=0)
+
+
+def test_under_ddp_lightning_gives_each_rank_its_own_length_grouped_shard(
+    datamodule: InstructionDataModule,
+) -> None:
+    """Lightning's own DDP loader re-creation: disjoint shards, equal batch counts, grouping kept."""
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = datamodule.train_dataloader()  # as Lightning requests it from the hook
+    lengths = [len(ids) for ids in datamodule.datasets["train"]["input_ids"]]
+    shards = []
+    for rank in (0, 1):
+        distributed = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=42)
+        ddp_loader = _update_dataloader(loader, distributed, mode=RunningStage.TRAINING)
+        assert isinstance(ddp_loader.batch_sampler, LengthGroupedBatchSampler)
+        assert ddp_loader.batch_sampler.sampler is distributed
+        shards.append(list(ddp_loader.batch_sampler))
+    assert len(shards[0]) == len(shards[1]) == math.ceil(math.ceil(len(lengths) / 2) / 8)
+    seen = [{i for b in shard for i in b} for shard in shards]
+    assert len(seen[0] & seen[1]) <= 1  # disjoint (DistributedSampler pads one index when the count is odd)
+    assert seen[0] | seen[1] == set(range(len(lengths)))
+    for shard in shards:  # still grouped: little padding within each batch
+        padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in shard)
+        assert padding < 0.2 * sum(lengths[i] for b in shard for i in b)
 
 
 def test_length_grouping_reduces_padding_on_the_real_data(datamodule: InstructionDataModule) -> None:
@@ -162,14 +195,14 @@ def test_length_grouping_reduces_padding_on_the_real_data(datamodule: Instructio
     def padded_tokens(batches: list[list[int]]) -> int:
         return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
-    grouped = padded_tokens(list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=0)))
+    grouped_tokens = padded_tokens(list(grouped(lengths, seed=0)))
     random_batches = []
     for seed in range(5):
         order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
         random_batches.append(padded_tokens([order[i : i + 8] for i in range(0, len(order), 8)]))
     real = sum(lengths)
     random_padding = sum(random_batches) / len(random_batches) - real
-    assert grouped - real < 0.5 * random_padding
+    assert grouped_tokens - real < 0.5 * random_padding
     # the datamodule uses the grouped sampler by default
     loader = datamodule.train_dataloader()
     assert isinstance(loader.batch_sampler, LengthGroupedBatchSampler)
@@ -190,9 +223,7 @@ def test_fit_from_tiny_config_logs_metrics_and_samples(
         assert torch.isfinite(metrics[name]), name
     assert model.tokens_seen > 0
     assert model.tokens_seen == int(metrics["train/tokens_seen"])
-    samples = [
-        r for r in caplog.records if r.name == "lightning_qlora.tasks" and "prompt:" in r.getMessage()
-    ]
+    samples = [r for r in caplog.records if r.name == "lightning_qlora.tasks" and "prompt:" in r.getMessage()]
     assert len(samples) == 2
     assert "below is an instruction" in samples[0].getMessage()
 
