@@ -8,8 +8,9 @@ or Lightning, so the training command answers `--help`, `--version` and `--cfg j
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_qlora._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -54,17 +55,7 @@ if TYPE_CHECKING:
     from lightning_qlora.strategies import OptimizerConfig, QLoRADDPStrategy, QLoRAStrategy
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_qlora' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
 
 
 __all__ = [
