@@ -244,6 +244,14 @@ class InstructionDataModule(JsonlDataModule):
             required={"instruction": (str,), "output": (str,)}, optional={"input": (str, type(None))}
         )
 
+    def read_records(self) -> dict[str, Dataset]:
+        """The checked records; with ``chat_template``, also refuse a tokenizer without one (before a model
+        loads: the training command reads the data first)."""
+        records = super().read_records()
+        if self.chat_template:
+            format_chat_prompt({"instruction": ""}, self.tokenizer)
+        return records
+
     def encode(self, split: Dataset) -> Dataset:
         tokenizer, max_length, chat = self.tokenizer, self.max_length, self.chat_template
         if chat:

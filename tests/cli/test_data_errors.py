@@ -150,3 +150,11 @@ def test_the_command_reports_a_bad_line_in_one_line(tmp_path: Path) -> None:
     ]
     assert "Traceback" not in proc.stderr
     assert "Loading weights" not in proc.stderr + proc.stdout  # no model was loaded
+
+
+def test_a_chat_template_the_tokenizer_lacks_fails_in_the_data_node(compose_train: Compose) -> None:
+    """The tiny Llama uses MiniLM's tokenizer, which has no chat template: refused before any model loads."""
+    cfg = compose_train("experiment=smoke_tiny_llama", "data=skills", "logger=none")
+    with pytest.raises(SetupError, match=r"^data: ") as info:
+        build(cfg)
+    assert "chat_template=true needs a tokenizer with a chat template" in str(info.value)
