@@ -5,11 +5,17 @@ again for the input gradient instead of saving a full-precision copy, and the fr
 gradient. Nothing is saved for backward at all, so activation checkpointing (which re-runs forward)
 and `torch.no_grad` / `inference_mode` validation need no special case. Backend-agnostic: the backend
 supplies `dequantize_into`.
+
+Where the backend can dequantize a band of rows (`WeightTiles`), the weight is dequantized and
+multiplied one band at a time: a band of about a megabyte is still in the core's cache when the matmul
+reads it, so the full-precision weight never goes out to memory and back (on a CPU, memory bandwidth,
+not arithmetic, is what dequantizing costs), and the workspace is one band, not the largest layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,26 +28,81 @@ from lightning_qlora.quantization.workspace import workspace
 DequantizeInto = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class WeightTiles:
+    """A weight dequantized `rows` rows at a time: `into(layer, out, first_row)` writes rows ``first_row``
+    to ``first_row + out.shape[0]`` into `out` and returns it."""
+
+    rows: int
+    into: Callable[[nn.Linear, torch.Tensor, int], torch.Tensor]
+
+
 def frozen_linear(
     x: torch.Tensor,
     layer: nn.Linear,
     dequantize_into: DequantizeInto,
     compute_dtype: torch.dtype,
     bias: torch.Tensor | None,
+    tiles: WeightTiles | None = None,
 ) -> torch.Tensor:
     """`x @ W.T + bias` with `W` the layer's 4-bit weight, computed in `compute_dtype`, returned in x's dtype.
 
-    The bias is cast for the matmul, never in place: the layer keeps it in its own dtype.
+    The bias is cast for the matmul, never in place: the layer keeps it in its own dtype. With `tiles`
+    (and more rows than one tile) the weight is dequantized and multiplied a band of rows at a time.
     """
     inp_dtype = x.dtype
     x = x.to(compute_dtype)
     if bias is not None:
         bias = bias.to(compute_dtype)
+    if tiles is not None and tiles.rows >= layer.out_features:
+        tiles = None  # one band is the whole weight
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        out = _FrozenLinear.apply(x, bias, layer, dequantize_into)
+        out = _FrozenLinear.apply(x, bias, layer, dequantize_into, tiles)
     else:
-        out = F.linear(x, _dequantized(layer, dequantize_into, x.dtype, x.device), bias)
+        out = _forward(x, bias, layer, dequantize_into, tiles)
     return out.to(inp_dtype)
+
+
+def _forward(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    layer: nn.Linear,
+    dequantize_into: DequantizeInto,
+    tiles: WeightTiles | None,
+) -> torch.Tensor:
+    if tiles is None:
+        return F.linear(x, _dequantized(layer, dequantize_into, x.dtype, x.device), bias)
+    rows_total, cols = layer.out_features, layer.in_features
+    x2 = x.reshape(-1, cols)
+    out = torch.empty(x2.shape[0], rows_total, dtype=x.dtype, device=x.device)
+    band = workspace((tiles.rows, cols), x.dtype, x.device)
+    for first in range(0, rows_total, tiles.rows):
+        last = min(first + tiles.rows, rows_total)
+        weight = tiles.into(layer, band[: last - first], first)
+        torch.mm(x2, weight.t(), out=out[:, first:last])  # BLAS writes the column band in place
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], rows_total)
+
+
+def _input_grad(
+    grad: torch.Tensor, layer: nn.Linear, dequantize_into: DequantizeInto, tiles: WeightTiles | None
+) -> torch.Tensor:
+    """`grad @ W`: a new tensor (the workspace is free again afterwards)."""
+    if tiles is None:
+        return grad @ _dequantized(layer, dequantize_into, grad.dtype, grad.device)
+    rows_total, cols = layer.out_features, layer.in_features
+    grad2 = grad.reshape(-1, rows_total)
+    grad_x = torch.empty(grad2.shape[0], cols, dtype=grad.dtype, device=grad.device)
+    band = workspace((tiles.rows, cols), grad.dtype, grad.device)
+    for first in range(0, rows_total, tiles.rows):
+        last = min(first + tiles.rows, rows_total)
+        weight = tiles.into(layer, band[: last - first], first)
+        if first == 0:
+            torch.mm(grad2[:, first:last], weight, out=grad_x)
+        else:
+            grad_x.addmm_(grad2[:, first:last], weight)
+    return grad_x.view(*grad.shape[:-1], cols)
 
 
 def _dequantized(
@@ -58,19 +119,19 @@ class _FrozenLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         layer: nn.Linear,
         dequantize_into: DequantizeInto,
+        tiles: WeightTiles | None,
     ) -> torch.Tensor:
         ctx.layer = layer
         ctx.dequantize_into = dequantize_into
+        ctx.tiles = tiles
         ctx.dtype = x.dtype
-        ctx.device = x.device
-        return F.linear(x, _dequantized(layer, dequantize_into, x.dtype, x.device), bias)
+        return _forward(x, bias, layer, dequantize_into, tiles)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = _dequantized(ctx.layer, ctx.dequantize_into, ctx.dtype, ctx.device)
-            grad_x = grad.to(ctx.dtype) @ weight  # a new tensor: the workspace is free again afterwards
+            grad_x = _input_grad(grad.to(ctx.dtype), ctx.layer, ctx.dequantize_into, ctx.tiles)
         if ctx.needs_input_grad[1]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_bias, None, None
+        return grad_x, grad_bias, None, None, None

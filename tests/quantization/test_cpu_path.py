@@ -171,6 +171,48 @@ def test_bf16_compute_matches_a_bf16_linear() -> None:
         assert torch.equal(x.grad, x_ref.grad)
 
 
+@pytest.fixture
+def tiny_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bands of the fewest rows the layout allows, so small layers are multiplied in several bands."""
+    if bnb_backend.cpu_kernel() is None:
+        pytest.skip("the native CPU dequantization kernel is not available here")
+    monkeypatch.setattr(bnb_backend, "TILE_VALUES", 1)
+    release_workspace()
+
+
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "double_quant", "bands"),
+    [(96, 40, False, 20), (128, 300, True, 3), (192, 300, True, 2)],  # DQ bands start at 64 * 256 values
+)
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_band_by_band_equals_the_whole_weight(
+    tiny_tiles: None,
+    in_features: int,
+    out_features: int,
+    double_quant: bool,
+    bands: int,
+    compute_dtype: torch.dtype,
+) -> None:
+    layer = four_bit(in_features, out_features, compute_dtype, double_quant=double_quant)
+    tiles = bnb_backend.BACKEND.weight_tiles(layer)
+    assert tiles is not None and -(-out_features // tiles.rows) == bands
+    ref = reference(layer)
+    x = torch.randn(2, 7, in_features, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    # The same products, but BLAS may sum a narrow band in another order: equal up to rounding.
+    tol = {"rtol": 1e-5, "atol": 1e-5} if compute_dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    out, out_ref = layer(x), ref(x_ref)
+    torch.testing.assert_close(out, out_ref, **tol)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_ref.backward(grad)
+    assert x.grad is not None and x_ref.grad is not None
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), out_ref, **tol)
+    assert workspace_bytes() <= 8 * tiles.rows * in_features  # one band per dtype, not the whole weight
+
+
 class Interleaved(nn.Module):
     """Two layers of one shape and dtype (they share a workspace buffer) around one of another dtype."""
 

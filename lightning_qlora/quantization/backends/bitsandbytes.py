@@ -4,10 +4,10 @@ touches bitsandbytes' internals (`Params4bit`, `quant_state`, `bnb_quantized`, p
 Layers are `QLoRALinear4bit`, a `bitsandbytes.nn.Linear4bit` subclass: PEFT, transformers and
 `isinstance` checks see a Linear4bit, state dicts have Linear4bit's keys, CUDA runs bitsandbytes' own
 kernels. Two things are added. On CPU the forward runs `frozen_linear`, which dequantizes into a reused
-workspace (through the native kernel of `cpu_kernel` where it is available, else a chunked plain-torch
-decode; both follow the flat block layout `quantize_4bit` writes) and keeps nothing dequantized for
-backward. And the layer reads its own state dict back (bitsandbytes writes the quant-state keys but does
-not load them: its issue 1946).
+workspace (through the native kernel of `cpu_kernel` where it is available, a band of rows at a time,
+else a chunked plain-torch decode; both follow the flat block layout `quantize_4bit` writes) and keeps
+nothing dequantized for backward. And the layer reads its own state dict back (bitsandbytes writes the
+quant-state keys but does not load them: its issue 1946).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, cast
@@ -24,7 +25,7 @@ from torch import nn
 
 from lightning_qlora._bnb import bitsandbytes
 from lightning_qlora.quantization.config import QuantizationConfig
-from lightning_qlora.quantization.frozen_linear import frozen_linear
+from lightning_qlora.quantization.frozen_linear import WeightTiles, frozen_linear
 
 bitsandbytes()  # a missing install fails here with a message that names the fix
 # ruff: noqa: E402 - the imports below come after that check
@@ -38,6 +39,9 @@ from bitsandbytes.nn.modules import (
 log = logging.getLogger(__name__)
 
 NAME = "bitsandbytes"
+# Values per band of rows the CPU path dequantizes and multiplies at once: about 1 MiB of float32,
+# small enough to stay in a core's L2 cache between the kernel writing it and the matmul reading it.
+TILE_VALUES = 1 << 18
 
 
 class QLoRALinear4bit(Linear4bit):
@@ -61,7 +65,7 @@ class QLoRALinear4bit(Linear4bit):
             self.set_compute_type(x)
             self.compute_type_is_set = True
         dtype = self.compute_dtype if self.compute_dtype is not None else x.dtype
-        return frozen_linear(x, self, BACKEND.dequantize_into, dtype, self.bias)
+        return frozen_linear(x, self, BACKEND.dequantize_into, dtype, self.bias, BACKEND.weight_tiles(self))
 
 
 @functools.cache
@@ -171,13 +175,32 @@ class BitsandbytesBackend:
         out = torch.empty(layer.out_features, layer.in_features, dtype=dtype or state.dtype)
         return self.dequantize_into(layer, out)
 
-    def dequantize_into(self, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    def weight_tiles(self, layer: nn.Linear) -> WeightTiles | None:
+        """Bands of rows of about `TILE_VALUES` values that the native kernel can write on their own (a
+        band starts a block of nested blocks); None where only whole weights can be dequantized."""
+        if cpu_kernel() is None:
+            return None
+        state = _state(_params(layer))
+        step = state.blocksize * (state.state2.blocksize if state.nested else 1)
+        cols = layer.in_features
+        align = step // math.gcd(cols, step)  # rows * cols is a multiple of step
+        rows = max(align, TILE_VALUES // cols // align * align)
+        return WeightTiles(rows, self._dequantize_rows_into)
+
+    def _dequantize_rows_into(self, layer: nn.Linear, out: torch.Tensor, first_row: int) -> torch.Tensor:
+        return self.dequantize_into(layer, out, first_row)
+
+    def dequantize_into(self, layer: nn.Linear, out: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """The weight (or, from `first_row`, as many rows as `out` holds: the native kernel only)."""
         data, state = _unpacked_for_cpu(_params(layer))
+        partial = first_row != 0 or out.numel() != layer.out_features * layer.in_features
         if out.device.type != "cpu":
             out.copy_(dequantize_4bit(data, state).view(out.shape))
             return out
         kernel = cpu_kernel()
         if kernel is None:
+            if partial:
+                raise ValueError("dequantize_into: rows of a weight need the native CPU kernel.")
             return _dequantize_flat_into(data, state, out)
         nested = state.state2 if state.nested else None
         kernel.dequantize_4bit_into(
@@ -190,6 +213,8 @@ class BitsandbytesBackend:
             nested_absmax=nested.absmax if nested is not None else None,
             nested_blocksize=nested.blocksize if nested is not None else 256,
             offset=float(state.offset) if nested is not None else 0.0,
+            begin=first_row * layer.in_features,
+            total=layer.out_features * layer.in_features,
         )
         return out
 

@@ -331,6 +331,10 @@ def kernel_info() -> dict[str, object] | None:
     return {"path": str(kernel.path), "simd": simd, "flags": list(kernel.flags)}
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -361,6 +365,8 @@ def dequantize_4bit_into(
     nested_blocksize: int = 256,
     offset: float = 0.0,
     num_threads: int | None = None,
+    begin: int = 0,
+    total: int | None = None,
 ) -> torch.Tensor:
     """Dequantize blockwise 4-bit values into `out` (float32, bfloat16 or float16) and return `out`.
 
@@ -368,8 +374,11 @@ def dequantize_4bit_into(
     16-value code book (NF4 or FP4); `absmax` one float32 scale per block of `blocksize` values, or, when
     double-quantized, one uint8 per block decoded as ``nested_code[q] * nested_absmax[b // nested_blocksize]
     + offset``. `out.numel()` is the number of values; its shape is the caller's. `num_threads` defaults to
-    ``torch.get_num_threads()`` (small tensors use one). Every argument is checked before memory is touched.
-    Raises RuntimeError if the kernel is unavailable (check `kernel_available()` first).
+    ``torch.get_num_threads()`` (small tensors use one). With `begin`/`total` it writes values ``[begin,
+    begin + out.numel())`` of a tensor of `total` values (a tile of rows, so the caller can multiply while
+    it is still in cache); `begin` must start a block (a block of nested blocks when double-quantized).
+    Every argument is checked before memory is touched. Raises RuntimeError if the kernel is unavailable
+    (check `kernel_available()` first).
     """
     _check_cpu_contiguous("out", out)
     _require(
@@ -384,8 +393,14 @@ def dequantize_4bit_into(
         f"dequantize_4bit_into: blocksize must be a positive even integer, got {blocksize!r}.",
     )
     n = out.numel()
-    nblocks = -(-n // blocksize)
-    _check_tensor("packed", packed, torch.uint8, (n + 1) // 2)
+    size = n if total is None else total
+    _require(
+        _is_int(begin) and _is_int(size) and begin >= 0 and begin + n <= size,
+        f"dequantize_4bit_into: begin={begin!r} and total={total!r} must give a range of {n} values "
+        "inside the tensor (0 <= begin, begin + out.numel() <= total).",
+    )
+    nblocks = -(-size // blocksize)
+    _check_tensor("packed", packed, torch.uint8, (size + 1) // 2)
     _check_tensor("code", code, torch.float32, 16)
     nested = nested_code is not None or nested_absmax is not None
     if nested:
@@ -426,6 +441,19 @@ def dequantize_4bit_into(
             "dequantize_4bit_into: the native kernel is unavailable here; "
             "check kernel_available() and use bitsandbytes instead."
         )
+    if begin:
+        step = blocksize * (nested_blocksize if nested else 1)
+        _require(
+            begin % step == 0,
+            f"dequantize_4bit_into: begin={begin} must be a multiple of {step} (where a "
+            f"{'block of nested blocks' if nested else 'block'} starts).",
+        )
+        block = begin // blocksize
+        packed = packed[begin // 2 :]
+        absmax = absmax[block:]
+        if nested:
+            assert nested_absmax is not None
+            nested_absmax = nested_absmax[block // nested_blocksize :]
     threads = max(1, min(threads, n // _VALUES_PER_THREAD))
     if nested:
         _call(
