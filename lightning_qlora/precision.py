@@ -17,6 +17,7 @@ from lightning_qlora.quantization.backends import get_backend
 from lightning_qlora.quantization.compute_dtype import resolve_compute_dtype
 from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
 from lightning_qlora.quantization.convert import replace_linear_layers, set_compute_dtype
+from lightning_qlora.quantization.cpu_allocator import limit_heap_growth
 from lightning_qlora.quantization.layers import is_linear4bit, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
 from lightning_qlora.strategies.support import require_supported_strategy
@@ -38,6 +39,10 @@ class QLoRAPrecision(Precision):
         config: the storage format (`QuantizationConfig`); its defaults are the paper's (NF4, blocksize 64,
             double quantization, compute dtype "auto", the LM head kept in full precision).
         log_report: log a table of what was quantized at setup (rank 0 only).
+        limit_cpu_heap: on a CPU (Linux, glibc), have allocations of 1 MiB and more returned to the OS when
+            freed (malloc's mmap threshold, set once for the process), so each step's activations do not
+            pile up in the heap: about half the anonymous memory of a training process. False leaves the
+            allocator alone; `MALLOC_MMAP_THRESHOLD_` in the environment always wins.
         **kwargs: fields of `QuantizationConfig` (`quant_type`, `blocksize`, `double_quant`,
             `compute_dtype`, `exclude`, `backend`), a shorthand: `QLoRAPrecision(quant_type="fp4")` is
             `QLoRAPrecision(QuantizationConfig(quant_type="fp4"))`; given with `config`, they replace its
@@ -52,11 +57,13 @@ class QLoRAPrecision(Precision):
         config: QuantizationConfig | None = None,
         *,
         log_report: bool = _OWN.log_report,
+        limit_cpu_heap: bool = _OWN.limit_cpu_heap,
         **kwargs: Any,
     ) -> None:
         self.config = config_from(QuantizationConfig, config, kwargs, "QLoRAPrecision", _OWN_ARGUMENTS)
         get_backend(self.config.backend)  # a missing library fails here, with the fix, before any work
         self.log_report = check_bool("QLoRAPrecision", "log_report", log_report)
+        self.limit_cpu_heap = check_bool("QLoRAPrecision", "limit_cpu_heap", limit_cpu_heap)
         self.report: QuantizationReport | None = None
         self.compute_dtype: torch.dtype | None = None
 
@@ -83,8 +90,11 @@ class QLoRAPrecision(Precision):
         for layer in layers:
             quantize_layer(layer)
         if layers:
-            self.compute_dtype = resolve_compute_dtype(self.config.compute_dtype, layers[0].weight.device)
+            device = layers[0].weight.device
+            self.compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device)
             set_compute_dtype(model, self.compute_dtype)
+            if self.limit_cpu_heap and device.type == "cpu":
+                limit_heap_growth()
         self.report = quantization_report(model)
         if self.log_report:
             rank_zero_info(

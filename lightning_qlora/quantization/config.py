@@ -101,3 +101,6 @@ class PrecisionPluginSettings:
     reads them (and their defaults) without importing Lightning. The plugin checks them."""
 
     log_report: bool = True
+    # On a CPU (Linux, glibc) serve allocations of 1 MiB and more from their own mappings, so the memory of
+    # each step's activations goes back to the OS instead of piling up in the heap (cpu_allocator.py).
+    limit_cpu_heap: bool = True

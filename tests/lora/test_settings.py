@@ -103,6 +103,7 @@ def test_adapter_dtypes_are_the_floating_names() -> None:
             "QLoRAPrecision exclude must hold strings only, got None",
         ),
         ({"log_report": "yes"}, TypeError, "QLoRAPrecision log_report must be True or False, got 'yes'"),
+        ({"limit_cpu_heap": 1}, TypeError, "QLoRAPrecision limit_cpu_heap must be True or False, got 1"),
     ],
 )
 def test_bad_quantization_settings(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
