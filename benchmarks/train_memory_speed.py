@@ -11,6 +11,9 @@ safetensors) trains with batch 1 x 256 random tokens in each configuration, each
   callback and ``QLoRAStrategy`` (the reference for every ratio);
 - ``qlora``: the package: ``load_quantized`` (NF4 + double quant while streaming), then a Lightning Trainer
   with ``QLoRAPrecision``, ``LoRA`` and ``QLoRAStrategy`` (paged AdamW, checkpointing ``LlamaDecoderLayer``);
+  4-bit matmuls in float32 on CPU, the same arithmetic as ``lora``;
+- ``qlora_bf16``: the same with the 4-bit matmuls in bfloat16, which ``compute_dtype="auto"`` (the default)
+  picks on CPUs with native bf16 (AVX512-BF16 / AMX) and on CUDA; CPU only (on CUDA it is ``qlora``);
 - ``peft_qlora``: ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant))``,
   ``prepare_model_for_kbit_training``, activation checkpointing, ``get_peft_model(LoraConfig(
   target_modules="all-linear"))``, ``bitsandbytes.optim.PagedAdamW`` and a plain loop doing the same steps;
@@ -67,12 +70,13 @@ from benchmarks.harness import (
 )
 
 NAME = "train_memory_speed"
-CONFIGS = ("qlora", "lora", "peft_qlora", "full")
+CONFIGS = ("qlora", "qlora_bf16", "lora", "peft_qlora", "full")
 REFERENCE = "lora"
 CONFIG_LABELS = {
     "full": "full fine-tuning (AdamW)",
     "lora": "LoRA, full-precision base (package)",
     "qlora": "QLoRA (this package)",
+    "qlora_bf16": "QLoRA, bf16 compute (this package; compute_dtype='auto' on CPUs with native bf16)",
     "peft_qlora": "QLoRA (transformers + PEFT + bnb)",
 }
 LORA = {"r": 64, "alpha": 16.0, "dropout": 0.1}
@@ -125,7 +129,7 @@ def load_model(config_name: str, model_dir: Path, device: Any, compute_dtype: An
     from lightning_qlora.quantization import QuantizationConfig
 
     base_dtype = torch.float32 if device.type == "cpu" else compute_dtype
-    if config_name == "qlora":
+    if config_name.startswith("qlora"):
         model = build_on_meta(LlamaConfig.from_pretrained(model_dir))
         qconfig = QuantizationConfig(compute_dtype=compute_dtype)
         load_quantized(
@@ -150,13 +154,13 @@ def run_lightning(config_name: str, model_dir: Path, args: argparse.Namespace, c
     from lightning_qlora import LoRA, OptimizerConfig, QLoRAPrecision, QLoRAStrategy
 
     meter, summary = ctx["meter"], ctx["summary"]
-    compute_dtype = torch_dtype(args.compute_dtype)
+    compute_dtype = torch_dtype("bfloat16" if config_name == "qlora_bf16" else args.compute_dtype)
     model = load_model(config_name, model_dir, ctx["device"], compute_dtype)
     callbacks: list[Any] = []
     plugins: list[Any] = []
-    if config_name in ("lora", "qlora"):
+    if config_name in ("lora", "qlora", "qlora_bf16"):
         callbacks.append(LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"]))
-    if config_name == "qlora":
+    if config_name.startswith("qlora"):
         plugins.append(QLoRAPrecision(compute_dtype=compute_dtype, log_report=False))
     optimizer = OptimizerConfig(name="adamw" if config_name == "full" else "paged_adamw", lr=LR)
     strategy = QLoRAStrategy(
@@ -205,7 +209,7 @@ def peft_model(model_dir: Path, device: Any, compute_dtype: Any) -> Any:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora_config = LoraConfig(
         target_modules="all-linear",
-        r=LORA["r"],
+        r=int(LORA["r"]),
         lora_alpha=int(LORA["alpha"]),
         lora_dropout=LORA["dropout"],
         task_type="CAUSAL_LM",
@@ -499,7 +503,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--compute-dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=None, help="default: all")
     parser.add_argument(
         "--repeats",
         type=int,
@@ -518,6 +522,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compute_dtype is None:
         args.compute_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.configs is None:
+        args.configs = [c for c in CONFIGS if c != "qlora_bf16" or args.device == "cpu"]
     return args
 
 
@@ -550,7 +556,7 @@ def ensure_model(args: argparse.Namespace, model_dir: Path) -> None:
 def run_all(
     args: argparse.Namespace,
     model_dir: Path,
-    after_each: Callable[[dict[str, list[dict[str, Any]]]], None],
+    after_each: Callable[[dict[str, list[dict[str, Any]]]], object],
 ) -> dict[str, list[dict[str, Any]]]:
     """Every configuration at every thread count, `--repeats` interleaved rounds; a failure is not retried.
 
