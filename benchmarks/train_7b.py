@@ -132,8 +132,8 @@ def write_checkpoint(config: Mapping[str, Any], folder: Path, seed: int) -> dict
 # --------------------------------------------------------------------------------------------------------
 
 
-def load(folder: Path) -> tuple[Any, float]:
-    """``load_quantized`` into an empty model (NF4 + double quant, fp32 compute and kept weights)."""
+def load(folder: Path, compute_dtype: str) -> tuple[Any, float]:
+    """``load_quantized`` into an empty model (NF4 + double quant; kept weights in fp32)."""
     import torch
     from transformers import LlamaConfig
 
@@ -144,7 +144,7 @@ def load(folder: Path) -> tuple[Any, float]:
     load_quantized(
         model,
         folder,
-        QuantizationConfig(compute_dtype=torch.float32),
+        QuantizationConfig(compute_dtype=compute_dtype),
         dtype=torch.float32,
     )
     return model.train(), time.perf_counter() - started
@@ -180,7 +180,7 @@ def train(
         data,
         meter,
         QLoRAStrategy(activation_checkpointing=LlamaDecoderLayer),
-        [QLoRAPrecision(compute_dtype=torch.float32, log_report=False)],
+        [QLoRAPrecision(compute_dtype=args.compute_dtype, log_report=False)],
         [LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])],
         on_start=on_start,
         on_step=on_step,
@@ -199,7 +199,7 @@ def worker_train(args: argparse.Namespace) -> dict[str, Any]:
         def save() -> None:
             write_worker_result(args.result, {**out, **meter.result(), "setup": meter.setup})
 
-        model, out["load_s"] = load(Path(args.dir))
+        model, out["load_s"] = load(Path(args.dir), args.compute_dtype)
         out["stage"] = "train"
         print(f"loaded in {out['load_s']:.0f} s", flush=True)
         train(model, args, meter, out, save)
@@ -241,6 +241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Llama shape (default 7b)",
     )
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument(
+        "--compute-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="of the 4-bit matmuls (default: the package's auto, bf16 on CPUs with native bf16)",
+    )
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -279,8 +285,9 @@ def describe(args: argparse.Namespace, config: Mapping[str, Any], info: Mapping[
         f"# QLoRA training of a {params / 1e9:.2f} B-parameter Llama ({args.size} shapes) on CPU\n\n"
         f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, intermediate "
         f"{config['intermediate_size']}, vocab {config['vocab_size']}; random bf16 safetensors checkpoint "
-        "written shard by shard, `load_quantized` into NF4 + double quant (fp32 compute; embeddings, norms "
-        f"and head kept in fp32), then {args.steps} steps at batch 1 x {args.seq_len}, LoRA r=64 on every "
+        "written shard by shard, `load_quantized` into NF4 + double quant (compute dtype "
+        f"{args.compute_dtype}; embeddings, norms and head kept in fp32), then {args.steps} steps at "
+        f"batch 1 x {args.seq_len}, LoRA r=64 on every "
         "linear layer but the head, dropout 0.1, paged AdamW, activation checkpointing on every decoder "
         "layer "
         f"(checked). {info['cpu_count']} CPU cores, {args.threads} torch threads, torch {info['torch']}, "
@@ -323,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         str(args.steps),
         "--seq-len",
         str(args.seq_len),
+        "--compute-dtype",
+        args.compute_dtype,
     ]
     with model_folder(args.dir, "qlora-7b-") as folder:
         try:
