@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_qlora._names import BASE_LAYER
+from lightning_qlora.lora.dropout import AdapterDropout
 from lightning_qlora.quantization.layers import dequantize_weight, is_linear4bit
 
 
@@ -40,7 +41,7 @@ class LoRALinear(nn.Module):
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout: nn.Module = AdapterDropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_adapter()
         self._register_load_state_dict_pre_hook(_accept_unwrapped_keys)

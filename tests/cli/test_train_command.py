@@ -190,14 +190,18 @@ def test_an_error_in_training_keeps_the_adapter_and_a_checkpoint(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_ddp_with_two_cpu_processes_on_the_default_job(tmp_path: Path) -> None:
-    """`trainer=ddp` on the default (MiniLM, mean pooling) job: no adapter outside the loss stops DDP."""
+@pytest.mark.parametrize("experiment", ["sentiment_qlora", "smoke_tiny_llama"])
+def test_ddp_with_two_cpu_processes(tmp_path: Path, experiment: str) -> None:
+    """`trainer=ddp` on the default (MiniLM, mean pooling) job, where no adapter may sit outside the loss,
+    and on the causal LM, whose length-grouped batches Lightning must shard per rank."""
     run_dir = tmp_path / "run"
     args = [
-        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2",
-        "data.batch_size=4", "data.max_length=24", "trainer.limit_val_batches=1", "logger=none",
-        f"hydra.run.dir={run_dir}",
+        f"experiment={experiment}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.max_steps=2", "data.batch_size=4", "data.max_length=24", "trainer.limit_val_batches=1",
+        "logger=none", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
+    if experiment == "smoke_tiny_llama":
+        args += ["model.num_samples_to_generate=1", "model.max_new_tokens=4"]
     proc = run_cli(args, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _summary(run_dir)
