@@ -7,12 +7,11 @@ matched nothing quantized the layer it meant to keep, without a word.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 
 from lightning_qlora.tasks import default_pretrained_path
 
@@ -20,20 +19,6 @@ SMOKE = [
     "experiment=smoke_tiny_llama", "logger=none", "data.batch_size=4", "data.max_length=24",
     "trainer.max_steps=2", "trainer.limit_val_batches=1", "model.num_samples_to_generate=0",
 ]  # fmt: skip
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_qlora.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
 
 
 def refusal(proc: subprocess.CompletedProcess[str], node: str) -> str:

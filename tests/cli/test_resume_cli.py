@@ -5,15 +5,12 @@ bit, across the next epoch boundary too."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 
-CLI_TESTS = Path(__file__).resolve().parent
 WORDS = "the cat sat on a mat while dogs ran far away from home in rain and sun".split()  # noqa: SIM905
 
 
@@ -27,21 +24,6 @@ def write_records(folder: Path, n_train: int = 24) -> Path:
             lines.append(json.dumps({"instruction": text, "input": "", "output": f"{text} {i}"}) + "\n")
         (folder / f"{split}.jsonl").write_text("".join(lines))
     return folder
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
-    env["PYTHONPATH"] = os.pathsep.join([str(CLI_TESTS), env.get("PYTHONPATH", "")])  # resume_probe
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_qlora.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
 
 
 def steps(path: Path) -> dict[int, tuple[str, str]]:

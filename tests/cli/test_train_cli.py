@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_run import cli_env, run_cli
 
 import lightning_qlora
 
@@ -23,31 +24,12 @@ FAST = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
-    env.setdefault("WANDB_SILENT", "true")
-    return env
-
-
 def _console_script() -> str:
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     script = shutil.which("lightning-qlora-train", path=search)
     if script is None:
         pytest.skip("the lightning-qlora-train console script is not installed")
     return script
-
-
-def run_module(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_qlora.cli.train", *args],
-        cwd=cwd,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def _check_run_folder(run_dir: Path, r: int, metric: str) -> dict:
@@ -71,7 +53,7 @@ def test_default_job_end_to_end(tmp_path: Path) -> None:
     """The default (MiniLM sentiment, NF4 + DQ) for two steps, via `python -m lightning_qlora.cli.train`."""
     run_dir = tmp_path / "run"
     args = [*FAST, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"]
-    proc = run_module(args, cwd=tmp_path)
+    proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _check_run_folder(run_dir, r=8, metric="val/acc")
     assert summary["train"]["steps"] == 2
@@ -109,7 +91,7 @@ def test_console_script_multirun(tmp_path: Path) -> None:
         "model.num_samples_to_generate=1", "model.max_new_tokens=4", *FAST, f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
     proc = subprocess.run(
-        [_console_script(), *args], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+        [_console_script(), *args], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = {}
@@ -134,7 +116,7 @@ def test_console_script_multirun(tmp_path: Path) -> None:
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
-    proc = run_module(["--cfg", "job", "lora.r=16", "precision=fp4"], cwd=tmp_path, timeout=120)
+    proc = run_cli(["--cfg", "job", "lora.r=16", "precision=fp4"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "r: 16" in proc.stdout
     assert "quant_type: fp4" in proc.stdout
@@ -151,7 +133,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, override: str, expected: list[str]) -> None:
-    proc = run_module([override], cwd=tmp_path, timeout=120)
+    proc = run_cli([override], cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     for text in expected:
         assert text in proc.stderr
@@ -162,7 +144,7 @@ def test_config_errors_name_the_key(tmp_path: Path, override: str, expected: lis
 @pytest.mark.slow
 def test_missing_pretrained_path_is_one_clear_line(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_model"
-    proc = run_module([f"model.pretrained_path={missing}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    proc = run_cli([f"model.pretrained_path={missing}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if str(missing) in line]
     assert len(lines) == 1

@@ -7,7 +7,6 @@ Real subprocesses of `python -m lightning_qlora.cli.train` on the tiny causal LM
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -15,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cli_run import cli_env, run_cli
 from omegaconf import DictConfig
 
 import lightning_qlora
 from lightning_qlora.cli.interrupt import resume_command
 from lightning_qlora.cli.job import build_loggers
 
-CLI_TESTS = Path(__file__).resolve().parent
 TINY = [
     "experiment=smoke_tiny_llama",
     "data.batch_size=4",
@@ -31,25 +30,6 @@ TINY = [
     "model.max_new_tokens=4",
     "logger=none",
 ]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
-    env["PYTHONPATH"] = os.pathsep.join([str(CLI_TESTS), env.get("PYTHONPATH", "")])  # cli_signals
-    return env
-
-
-def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_qlora.cli.train", *args],
-        cwd=cwd,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_version_prints_the_package_version(tmp_path: Path) -> None:
@@ -74,7 +54,7 @@ def test_answers_without_importing_torch_or_lightning(tmp_path: Path, args: list
         "print('heavy modules:', heavy)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
     assert "heavy modules: []" in proc.stdout
