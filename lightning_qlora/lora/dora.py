@@ -197,15 +197,7 @@ class DoRALinear(LoRALinear):
             weight += self.lora_delta().to(weight.device)
             magnitude = self.lora_magnitude_vector.detach().float()
             weight *= (magnitude / torch.linalg.vector_norm(weight, dim=1)).view(-1, 1)
-        dtype = dtype or (torch.float32 if is_linear4bit(self.base_layer) else self.base_layer.weight.dtype)
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=dtype
-        )
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return self._plain_linear(weight, dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"

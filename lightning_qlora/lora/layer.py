@@ -111,12 +111,16 @@ class LoRALinear(nn.Module):
         base = dequantize_weight(self.base_layer, torch.float32)
         if not self.merged:
             base += self.delta_weight().to(base.device)
+        return self._plain_linear(base, dtype)
+
+    def _plain_linear(self, weight: torch.Tensor, dtype: torch.dtype | None) -> nn.Linear:
+        """An `nn.Linear` holding `weight` and this layer's bias (default dtype: fp32 over a 4-bit base)."""
         dtype = dtype or (torch.float32 if is_linear4bit(self.base_layer) else self.base_layer.weight.dtype)
         linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=base.device, dtype=dtype
+            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=dtype
         )
         with torch.no_grad():
-            linear.weight.copy_(base)
+            linear.weight.copy_(weight)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear

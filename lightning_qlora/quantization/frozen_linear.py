@@ -14,7 +14,7 @@ not arithmetic, is what dequantizing costs), and the workspace is one band, not 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,10 +75,7 @@ def _forward(
     rows_total, cols = layer.out_features, layer.in_features
     x2 = x.reshape(-1, cols)
     out = torch.empty(x2.shape[0], rows_total, dtype=x.dtype, device=x.device)
-    band = workspace((tiles.rows, cols), x.dtype, x.device)
-    for first in range(0, rows_total, tiles.rows):
-        last = min(first + tiles.rows, rows_total)
-        weight = tiles.into(layer, band[: last - first], first)
+    for first, last, weight in _bands(layer, tiles, x.dtype, x.device):
         torch.mm(x2, weight.t(), out=out[:, first:last])  # BLAS writes the column band in place
     if bias is not None:
         out += bias
@@ -94,15 +91,22 @@ def _input_grad(
     rows_total, cols = layer.out_features, layer.in_features
     grad2 = grad.reshape(-1, rows_total)
     grad_x = torch.empty(grad2.shape[0], cols, dtype=grad.dtype, device=grad.device)
-    band = workspace((tiles.rows, cols), grad.dtype, grad.device)
-    for first in range(0, rows_total, tiles.rows):
-        last = min(first + tiles.rows, rows_total)
-        weight = tiles.into(layer, band[: last - first], first)
+    for first, last, weight in _bands(layer, tiles, grad.dtype, grad.device):
         if first == 0:
             torch.mm(grad2[:, first:last], weight, out=grad_x)
         else:
             grad_x.addmm_(grad2[:, first:last], weight)
     return grad_x.view(*grad.shape[:-1], cols)
+
+
+def _bands(
+    layer: nn.Linear, tiles: WeightTiles, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(first row, end row, the band's weight) for each band in turn, all written into one workspace."""
+    band = workspace((tiles.rows, layer.in_features), dtype, device)
+    for first in range(0, layer.out_features, tiles.rows):
+        last = min(first + tiles.rows, layer.out_features)
+        yield first, last, tiles.into(layer, band[: last - first], first)
 
 
 def _dequantized(
