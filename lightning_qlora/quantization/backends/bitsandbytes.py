@@ -185,10 +185,7 @@ class BitsandbytesBackend:
         cols = layer.in_features
         align = step // math.gcd(cols, step)  # rows * cols is a multiple of step
         rows = max(align, TILE_VALUES // cols // align * align)
-        return WeightTiles(rows, self._dequantize_rows_into)
-
-    def _dequantize_rows_into(self, layer: nn.Linear, out: torch.Tensor, first_row: int) -> torch.Tensor:
-        return self.dequantize_into(layer, out, first_row)
+        return WeightTiles(rows, self.dequantize_into)
 
     def dequantize_into(self, layer: nn.Linear, out: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """The weight (or, from `first_row`, as many rows as `out` holds: the native kernel only)."""
