@@ -66,8 +66,19 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        update = F.linear(F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B)
-        return result + (update * self.scaling).to(result.dtype)
+        down = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        if down.dtype != result.dtype:
+            update = F.linear(down, self.lora_B)
+            return result + (update * self.scaling).to(result.dtype)
+        # result + scale * (down @ B^T) as one addmm: one output-size tensor instead of three (the
+        # update, the scaled update, the sum). On a CPU each is a fresh allocation, often page-faulted.
+        out = torch.addmm(
+            result.reshape(-1, self.out_features),
+            down.reshape(-1, self.r),
+            self.lora_B.t(),
+            alpha=self.scaling,
+        )
+        return out.view(result.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """B @ A * scale, the update folded into the base weight by a merge (computed in fp32)."""

@@ -7,9 +7,10 @@ and `torch.no_grad` / `inference_mode` validation need no special case. Backend-
 supplies `dequantize_into`.
 
 Where the backend can dequantize a band of rows (`WeightTiles`), the weight is dequantized and
-multiplied one band at a time: a band of about a megabyte is still in the core's cache when the matmul
-reads it, so the full-precision weight never goes out to memory and back (on a CPU, memory bandwidth,
-not arithmetic, is what dequantizing costs), and the workspace is one band, not the largest layer.
+multiplied one band at a time: a band of a few megabytes is still in cache when the matmul reads it,
+so a large full-precision weight never goes out to memory and back (on a CPU, memory bandwidth, not
+arithmetic, is what dequantizing costs), and the workspace is one band, not the largest layer. Bands
+much smaller than that lose more to many small matmuls than they gain in cache.
 """
 
 from __future__ import annotations

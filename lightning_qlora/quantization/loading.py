@@ -19,12 +19,14 @@ from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
 from lightning_qlora._names import BASE_LAYER, describe_names
+from lightning_qlora._settings import check_bool
 from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.convert import (
     quantization_targets,
     require_linear_layers,
     set_compute_dtype,
 )
+from lightning_qlora.quantization.cpu_allocator import limit_heap_growth
 from lightning_qlora.quantization.layers import (
     is_quantized,
     quantize_layer,
@@ -45,16 +47,25 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     strict: bool = True,
     key_map: Callable[[str], str | None] | None = None,
+    limit_cpu_heap: bool = True,
 ) -> list[str]:
     """Fill `model` from `source`, quantizing the selected linear weights layer by layer on `device`.
 
     `source` is a safetensors file, a list of shard files, a folder holding `*.safetensors`, or a state
     dict. `dtype` casts the floating tensors that stay in full precision. `key_map` renames source keys
     (return None to skip one). Returns the names of the quantized layers.
+
+    `limit_cpu_heap` (on a CPU device) sets `QLoRAPrecision`'s heap limit before the first tensor is read:
+    loading's megabyte-size temporaries then go back to the OS instead of leaving the heap full of free
+    blocks that training's activations refill. Measured on a 0.5B Llama: without it the heap kept 0-1.9
+    GiB of free blocks after loading, by chance, and training's anonymous peak varied from 1.5 to 2.4 GiB.
     """
+    limit_cpu_heap = check_bool("load_quantized", "limit_cpu_heap", limit_cpu_heap)
     config = config or QuantizationConfig()
     device = torch.device(device)
     require_linear_layers(model)
+    if limit_cpu_heap and device.type == "cpu":
+        limit_heap_growth()
     aliases = _tied_names(model)  # before the 4-bit shells replace (and so untie) a tied linear layer
     targets = _untied(quantization_targets(model, config), aliases)
     shells = {path: _shell(layer, config, compute_dtype) for path, layer in targets}

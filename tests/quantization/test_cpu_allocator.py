@@ -68,21 +68,46 @@ def test_a_threshold_set_in_the_environment_wins() -> None:
     assert run("limit", {"MALLOC_MMAP_THRESHOLD_": "131072"})["limit"] is None
 
 
-def test_the_plugin_sets_it_on_cpu_unless_told_not_to() -> None:
-    code = textwrap.dedent(
-        """
-        import sys, torch
-        from torch import nn
-        from lightning_qlora import QLoRAPrecision
-        from lightning_qlora.quantization.cpu_allocator import heap_growth_limit
-        plugin = QLoRAPrecision(compute_dtype="float32", log_report=False, limit_cpu_heap=sys.argv[1] == "on")
-        model = plugin.convert_module(nn.Sequential(nn.Linear(64, 64)))
-        plugin.connect(model, [], [])
-        print(heap_growth_limit())
-        """
-    )
+# Both places that set the limit, each in a fresh process: the plugin at setup, `load_quantized` before
+# reading (so loading's temporaries never fill the heap that training then reuses).
+SETTER_PRELUDE = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    from lightning_qlora import QLoRAPrecision, load_quantized
+    from lightning_qlora.quantization.cpu_allocator import heap_growth_limit
+    on = sys.argv[1] == "on"
+    """
+)
+SETTERS = {
+    "plugin": """
+        plugin = QLoRAPrecision(compute_dtype="float32", log_report=False, limit_cpu_heap=on)
+        plugin.connect(plugin.convert_module(nn.Sequential(nn.Linear(64, 64))), [], [])
+        """,
+    "load_quantized": """
+        model = nn.Sequential(nn.Linear(64, 64))
+        state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+        load_quantized(model, state, limit_cpu_heap=on)
+        """,
+}
+
+
+@pytest.mark.parametrize("setter", sorted(SETTERS))
+def test_it_is_set_on_cpu_unless_told_not_to(setter: str) -> None:
+    code = SETTER_PRELUDE + textwrap.dedent(SETTERS[setter]) + "print(heap_growth_limit())\n"
     for flag, expected in (("on", str(1 << 20)), ("off", "None")):
         proc = subprocess.run(
             [sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=300, check=True
         )
         assert proc.stdout.strip().splitlines()[-1] == expected, proc.stderr[-2000:]
+
+
+def test_load_quantized_refuses_a_non_bool_limit() -> None:
+    from torch import nn
+
+    from lightning_qlora import load_quantized
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(TypeError, match="load_quantized limit_cpu_heap must be True or False, got 'yes'"):
+        load_quantized(model, dict(model.state_dict()), limit_cpu_heap="yes")  # type: ignore[arg-type]
+    assert isinstance(model[0], nn.Linear)  # refused before anything was replaced

@@ -176,7 +176,7 @@ def tiny_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bands of the fewest rows the layout allows, so small layers are multiplied in several bands."""
     if bnb_backend.cpu_kernel() is None:
         pytest.skip("the native CPU dequantization kernel is not available here")
-    monkeypatch.setattr(bnb_backend, "TILE_VALUES", 1)
+    monkeypatch.setattr(bnb_backend, "TILE_BYTES_PER_THREAD", 1)
     release_workspace()
 
 
@@ -194,7 +194,7 @@ def test_band_by_band_equals_the_whole_weight(
     compute_dtype: torch.dtype,
 ) -> None:
     layer = four_bit(in_features, out_features, compute_dtype, double_quant=double_quant)
-    tiles = bnb_backend.BACKEND.weight_tiles(layer)
+    tiles = bnb_backend.BACKEND.weight_tiles(layer, compute_dtype)
     assert tiles is not None and -(-out_features // tiles.rows) == bands
     ref = reference(layer)
     x = torch.randn(2, 7, in_features, requires_grad=True)
