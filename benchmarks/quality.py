@@ -80,6 +80,7 @@ SPECS: dict[str, RunSpec] = {
 }
 COLORS = {"nf4_dq": "tab:blue", "nf4": "tab:cyan", "fp4": "tab:red", "lora32": "black", "untuned": "gray",
           "qdora": "tab:green", "loftq": "tab:purple"}  # fmt: skip
+LINESTYLES = {"nf4_dq": "-", "nf4": "--", "fp4": "-", "lora32": "-", "untuned": ":", "qdora": "-.", "loftq": "--"}
 
 
 @dataclass(frozen=True)
@@ -489,7 +490,6 @@ def plot_curves(runs: list[dict[str, Any]], keys: Sequence[str], path: Path, tas
     trained = [r for r in runs if r["spec"]["train"]]
     steps = sorted({int(p["step"]) for r in trained for p in r["curve"]}) or [0]
     reference = {r["seed"]: r for r in runs if r["config"] == REFERENCE}
-    styles = {"nf4_dq": "-", "nf4": "--", "fp4": "-", "lora32": "-", "untuned": ":"}
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     panels: list[tuple[Any, str, bool]] = [(axes[0], "loss", False), (axes[2], second, False)]
     if reference:
@@ -511,7 +511,7 @@ def plot_curves(runs: list[dict[str, Any]], keys: Sequence[str], path: Path, tas
             ax.plot(
                 steps,
                 mean,
-                styles[key],
+                LINESTYLES[key],
                 color=COLORS[key],
                 marker="o" if is_trained else None,
                 markersize=3,
