@@ -80,7 +80,8 @@ SPECS: dict[str, RunSpec] = {
 }
 COLORS = {"nf4_dq": "tab:blue", "nf4": "tab:cyan", "fp4": "tab:red", "lora32": "black", "untuned": "gray",
           "qdora": "tab:green", "loftq": "tab:purple"}  # fmt: skip
-LINESTYLES = {"nf4_dq": "-", "nf4": "--", "fp4": "-", "lora32": "-", "untuned": ":", "qdora": "-.", "loftq": "--"}
+LINESTYLES = {"nf4_dq": "-", "nf4": "--", "fp4": "-", "lora32": "-", "untuned": ":",
+              "qdora": "-.", "loftq": "--"}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ safetensors) trains with batch 1 x 256 random tokens in each configuration, each
   4-bit matmuls in float32 on CPU, the same arithmetic as ``lora``;
 - ``qlora_bf16``: the same with the 4-bit matmuls in bfloat16, which ``compute_dtype="auto"`` (the default)
   picks on CPUs with native bf16 (AVX512-BF16 / AMX) and on CUDA; CPU only (on CUDA it is ``qlora``);
+- ``qlora_heap``: ``qlora`` with ``limit_cpu_heap=False`` (in ``load_quantized`` and ``QLoRAPrecision``):
+  glibc's allocator left alone, what the heap limit costs and saves; CPU only;
 - ``peft_qlora``: ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant))``,
   ``prepare_model_for_kbit_training``, activation checkpointing, ``get_peft_model(LoraConfig(
   target_modules="all-linear"))``, ``bitsandbytes.optim.PagedAdamW`` and a plain loop doing the same steps;
@@ -70,13 +72,15 @@ from benchmarks.harness import (
 )
 
 NAME = "train_memory_speed"
-CONFIGS = ("qlora", "qlora_bf16", "lora", "peft_qlora", "full")
+CONFIGS = ("qlora", "qlora_bf16", "qlora_heap", "lora", "peft_qlora", "full")
+CPU_ONLY = ("qlora_bf16", "qlora_heap")
 REFERENCE = "lora"
 CONFIG_LABELS = {
     "full": "full fine-tuning (AdamW)",
     "lora": "LoRA, full-precision base (package)",
     "qlora": "QLoRA (this package)",
     "qlora_bf16": "QLoRA, bf16 compute (this package; compute_dtype='auto' on CPUs with native bf16)",
+    "qlora_heap": "QLoRA without the heap limit (this package, limit_cpu_heap=False)",
     "peft_qlora": "QLoRA (transformers + PEFT + bnb)",
 }
 LORA = {"r": 64, "alpha": 16.0, "dropout": 0.1}
@@ -139,6 +143,7 @@ def load_model(config_name: str, model_dir: Path, device: Any, compute_dtype: An
             device=device,
             compute_dtype=compute_dtype,
             dtype=base_dtype,
+            limit_cpu_heap=config_name != "qlora_heap",
         )
     else:
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=base_dtype)
@@ -158,10 +163,11 @@ def run_lightning(config_name: str, model_dir: Path, args: argparse.Namespace, c
     model = load_model(config_name, model_dir, ctx["device"], compute_dtype)
     callbacks: list[Any] = []
     plugins: list[Any] = []
-    if config_name in ("lora", "qlora", "qlora_bf16"):
+    if config_name in ("lora", "qlora", "qlora_bf16", "qlora_heap"):
         callbacks.append(LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"]))
     if config_name.startswith("qlora"):
-        plugins.append(QLoRAPrecision(compute_dtype=compute_dtype, log_report=False))
+        limit = config_name != "qlora_heap"
+        plugins.append(QLoRAPrecision(compute_dtype=compute_dtype, log_report=False, limit_cpu_heap=limit))
     optimizer = OptimizerConfig(name="adamw" if config_name == "full" else "paged_adamw", lr=LR)
     strategy = QLoRAStrategy(
         optimizer=optimizer,
@@ -523,7 +529,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.compute_dtype is None:
         args.compute_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.configs is None:
-        args.configs = [c for c in CONFIGS if c != "qlora_bf16" or args.device == "cpu"]
+        args.configs = [c for c in CONFIGS if c not in CPU_ONLY or args.device == "cpu"]
     return args
 
 
