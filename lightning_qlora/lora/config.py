@@ -82,6 +82,15 @@ class LoRAConfig:
         },
     )
 
+    share_sibling_input: bool = field(
+        default=False,
+        metadata={
+            "help": "Adapters of projections that read the same input (q/k/v, gate/up) draw one dropout "
+            "mask and run one stacked A matmul. Differs from PEFT, which draws a mask per adapter; the "
+            "trained parameters and exports are the same kind. Plain LoRA only."
+        },
+    )
+
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
@@ -92,6 +101,12 @@ class LoRAConfig:
             _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
         check_bool(OWNER, "use_rslora", self.use_rslora)
         check_bool(OWNER, "use_dora", self.use_dora)
+        check_bool(OWNER, "share_sibling_input", self.share_sibling_input)
+        if self.share_sibling_input and self.use_dora:
+            raise ValueError(
+                "LoRA share_sibling_input=True applies to plain LoRA only; DoRA (use_dora=True) applies "
+                "dropout by its own rule. Set one of them to False."
+            )
         check_choice(OWNER, "init", self.init, INIT_METHODS)
         check_int(OWNER, "loftq_iter", self.loftq_iter, minimum=1)
         if self.loftq_iter != 1 and self.init != "loftq":

@@ -20,6 +20,7 @@ from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.dora import DoRALinear
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.lora.loftq import apply_loftq, check_loftq_ready
+from lightning_qlora.lora.siblings import group_siblings
 from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.convert import iter_linear_layers, require_linear_layers
 from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR
@@ -107,6 +108,7 @@ def inject_adapters(
     loftq = check_loftq_ready([p[:2] for p in plan], quantization) if config.init == "loftq" else None
     adapter_class = DoRALinear if config.use_dora else LoRALinear
     adapted = []
+    new_layers: dict[str, LoRALinear] = {}
     for name, linear, r, alpha in plan:
         layer = adapter_class(
             linear,
@@ -121,6 +123,9 @@ def inject_adapters(
             apply_loftq(layer, loftq, config.loftq_iter)
         set_submodule(model, name, layer)
         adapted.append(name)
+        new_layers[name] = layer
+    if config.share_sibling_input:
+        group_siblings({name: layer for name, layer in new_layers.items() if isinstance(layer, LoRALinear)})
     return adapted
 
 

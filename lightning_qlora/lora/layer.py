@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_qlora._names import BASE_LAYER
 from lightning_qlora.lora.dropout import AdapterDropout
+from lightning_qlora.lora.siblings import SiblingGroup
 from lightning_qlora.quantization.layers import dequantize_weight, is_linear4bit
 
 
@@ -43,6 +44,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.lora_dropout: nn.Module = AdapterDropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.siblings: SiblingGroup | None = None  # set by `group_siblings` (share_sibling_input)
         self.reset_adapter()
         self._register_load_state_dict_pre_hook(_accept_unwrapped_keys)
 
@@ -66,7 +68,10 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        down = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        if self.siblings is not None:
+            down = self.siblings.down(self, x)
+        else:
+            down = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)
         if down.dtype != result.dtype:
             update = F.linear(down, self.lora_B)
             return result + (update * self.scaling).to(result.dtype)
