@@ -14,6 +14,8 @@ safetensors) trains with batch 1 x 256 random tokens in each configuration, each
   4-bit matmuls in float32 on CPU, the same arithmetic as ``lora``;
 - ``qlora_bf16``: the same with the 4-bit matmuls in bfloat16, which ``compute_dtype="auto"`` (the default)
   picks on CPUs with native bf16 (AVX512-BF16 / AMX) and on CUDA; CPU only (on CUDA it is ``qlora``);
+- ``qlora_siblings``: ``qlora`` with ``LoRA(share_sibling_input=True)`` (one dropout mask and one stacked A
+  matmul for q/k/v and for gate/up);
 - ``qlora_heap``: ``qlora`` with ``limit_cpu_heap=False`` (in ``load_quantized`` and ``QLoRAPrecision``):
   glibc's allocator left alone, what the heap limit costs and saves; CPU only;
 - ``peft_qlora``: ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant))``,
@@ -72,7 +74,7 @@ from benchmarks.harness import (
 )
 
 NAME = "train_memory_speed"
-CONFIGS = ("qlora", "qlora_bf16", "qlora_heap", "lora", "peft_qlora", "full")
+CONFIGS = ("qlora", "qlora_bf16", "qlora_siblings", "qlora_heap", "lora", "peft_qlora", "full")
 CPU_ONLY = ("qlora_bf16", "qlora_heap")
 REFERENCE = "lora"
 CONFIG_LABELS = {
@@ -81,6 +83,7 @@ CONFIG_LABELS = {
     "qlora": "QLoRA (this package)",
     "qlora_bf16": "QLoRA, bf16 compute (this package; compute_dtype='auto' on CPUs with native bf16)",
     "qlora_heap": "QLoRA without the heap limit (this package, limit_cpu_heap=False)",
+    "qlora_siblings": "QLoRA, sibling adapters sharing mask and A matmul (this package, share_sibling_input)",
     "peft_qlora": "QLoRA (transformers + PEFT + bnb)",
 }
 LORA = {"r": 64, "alpha": 16.0, "dropout": 0.1}
@@ -163,8 +166,11 @@ def run_lightning(config_name: str, model_dir: Path, args: argparse.Namespace, c
     model = load_model(config_name, model_dir, ctx["device"], compute_dtype)
     callbacks: list[Any] = []
     plugins: list[Any] = []
-    if config_name in ("lora", "qlora", "qlora_bf16", "qlora_heap"):
-        callbacks.append(LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"]))
+    if config_name in ("lora", "qlora", "qlora_bf16", "qlora_heap", "qlora_siblings"):
+        share = config_name == "qlora_siblings"
+        callbacks.append(
+            LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], share_sibling_input=share)
+        )
     if config_name.startswith("qlora"):
         limit = config_name != "qlora_heap"
         plugins.append(QLoRAPrecision(compute_dtype=compute_dtype, log_report=False, limit_cpu_heap=limit))
