@@ -166,7 +166,7 @@ def run_lightning(config_name: str, model_dir: Path, args: argparse.Namespace, c
     model = load_model(config_name, model_dir, ctx["device"], compute_dtype)
     callbacks: list[Any] = []
     plugins: list[Any] = []
-    if config_name in ("lora", "qlora", "qlora_bf16", "qlora_heap", "qlora_siblings"):
+    if config_name != "full":
         share = config_name == "qlora_siblings"
         callbacks.append(
             LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], share_sibling_input=share)

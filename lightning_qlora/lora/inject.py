@@ -107,8 +107,7 @@ def inject_adapters(
     check_ranks([(name, linear, int(r)) for name, linear, r, _ in plan])
     loftq = check_loftq_ready([p[:2] for p in plan], quantization) if config.init == "loftq" else None
     adapter_class = DoRALinear if config.use_dora else LoRALinear
-    adapted = []
-    new_layers: dict[str, LoRALinear] = {}
+    adapted: dict[str, LoRALinear] = {}
     for name, linear, r, alpha in plan:
         layer = adapter_class(
             linear,
@@ -122,11 +121,10 @@ def inject_adapters(
         if loftq is not None and not matches_any(name, loftq.exclude):  # kept full precision: plain init
             apply_loftq(layer, loftq, config.loftq_iter)
         set_submodule(model, name, layer)
-        adapted.append(name)
-        new_layers[name] = layer
+        adapted[name] = layer
     if config.share_sibling_input:
-        group_siblings({name: layer for name, layer in new_layers.items() if isinstance(layer, LoRALinear)})
-    return adapted
+        group_siblings(adapted)
+    return list(adapted)
 
 
 def mark_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
