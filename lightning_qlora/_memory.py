@@ -26,7 +26,10 @@ def _libc() -> Any:
 
 
 def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc only; a no-op elsewhere)."""
+    """Give freed heap memory and the caching allocator's blocks back to the OS (glibc only for the heap)."""
+    from lightning_qlora.quantization.cpu_caching_allocator import release_cached
+
+    release_cached()
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

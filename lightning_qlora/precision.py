@@ -41,8 +41,11 @@ class QLoRAPrecision(Precision):
         log_report: log a table of what was quantized at setup (rank 0 only).
         limit_cpu_heap: on a CPU (Linux, glibc), have allocations of 1 MiB and more returned to the OS when
             freed (malloc's mmap threshold, set once for the process), so each step's activations do not
-            pile up in the heap: about half the anonymous memory of a training process. False leaves the
-            allocator alone; `MALLOC_MMAP_THRESHOLD_` in the environment always wins.
+            pile up in the heap: about half the anonymous memory of a training process; and torch's CPU
+            tensors of 128 KiB and more served by a caching allocator that reuses up to 64 MiB of freed
+            blocks, so they are not faulted in afresh (built at first use with the C++ compiler; without
+            one, the threshold alone). False leaves the allocator alone; `MALLOC_MMAP_THRESHOLD_` in the
+            environment always wins.
         **kwargs: fields of `QuantizationConfig` (`quant_type`, `blocksize`, `double_quant`,
             `compute_dtype`, `exclude`, `backend`), a shorthand: `QLoRAPrecision(quant_type="fp4")` is
             `QLoRAPrecision(QuantizationConfig(quant_type="fp4"))`; given with `config`, they replace its

@@ -102,5 +102,6 @@ class PrecisionPluginSettings:
 
     log_report: bool = True
     # On a CPU (Linux, glibc) serve allocations of 1 MiB and more from their own mappings, so the memory of
-    # each step's activations goes back to the OS instead of piling up in the heap (cpu_allocator.py).
+    # each step's activations goes back to the OS instead of piling up in the heap, and torch's through a
+    # small caching allocator so they are not faulted in afresh (cpu_allocator.py).
     limit_cpu_heap: bool = True

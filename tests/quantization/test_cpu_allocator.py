@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from lightning_qlora._native_build import find_compiler
+from lightning_qlora.quantization import cpu_caching_allocator
 from lightning_qlora.quantization.cpu_allocator import _glibc
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="glibc's malloc only")
@@ -76,6 +78,7 @@ SETTER_PRELUDE = textwrap.dedent(
     from torch import nn
     from lightning_qlora import QLoRAPrecision, load_quantized
     from lightning_qlora.quantization.cpu_allocator import heap_growth_limit
+    from lightning_qlora.quantization.cpu_caching_allocator import installed
     on = sys.argv[1] == "on"
     """
 )
@@ -94,8 +97,10 @@ SETTERS = {
 
 @pytest.mark.parametrize("setter", sorted(SETTERS))
 def test_it_is_set_on_cpu_unless_told_not_to(setter: str) -> None:
-    code = SETTER_PRELUDE + textwrap.dedent(SETTERS[setter]) + "print(heap_growth_limit())\n"
-    for flag, expected in (("on", str(1 << 20)), ("off", "None")):
+    """The threshold and, where a C++ compiler can build it, the caching allocator."""
+    code = SETTER_PRELUDE + textwrap.dedent(SETTERS[setter]) + "print(heap_growth_limit(), installed())\n"
+    compiler = find_compiler((cpu_caching_allocator.COMPILER_ENV, "CXX"), ("c++", "g++", "clang++"))
+    for flag, expected in (("on", f"{1 << 20} {compiler is not None}"), ("off", "None False")):
         proc = subprocess.run(
             [sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=300, check=True
         )

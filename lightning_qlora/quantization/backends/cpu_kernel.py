@@ -7,9 +7,8 @@ bit-identical to bitsandbytes' reference arithmetic (see `dequant4bit.c` for the
 
 The C source beside this module is compiled once with the system C compiler (``$LIGHTNING_QLORA_CC``, else
 ``$CC``, else ``cc``/``gcc``/``clang``) and loaded with ctypes; no torch headers, no ninja. The shared
-library is cached under ``$XDG_CACHE_HOME/lightning-qlora`` (default ``~/.cache/lightning-qlora``), named by
-a hash of the source, the compiler, its flags and the CPU, and written atomically, so processes building at
-the same time (DDP ranks) never load a half-written file. ``LIGHTNING_QLORA_DISABLE_KERNEL=1`` turns the
+library is cached and sealed by `lightning_qlora._native_build` (named by a hash of the source, the
+compiler, its flags and the CPU). ``LIGHTNING_QLORA_DISABLE_KERNEL=1`` turns the
 kernel off. When it cannot be built or loaded, `kernel_available()` returns False after one log line and
 callers use bitsandbytes instead.
 
@@ -18,20 +17,23 @@ Only plain tensors cross this module's boundary; bitsandbytes objects stay in th
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lightning_qlora._native_build import (
+    NativeBuildError,
+    compile_library,
+    find_compiler,
+    is_sealed,
+    library_path,
+)
+from lightning_qlora._native_build import cache_dir as default_cache_dir
 
 __all__ = [
     "COMPILER_ENV",
@@ -52,12 +54,9 @@ BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-std=c11", "-ffp-contract=
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Below this many values one thread is faster than starting others.
 _VALUES_PER_THREAD = 1 << 18
-_BUILD_TIMEOUT_S = 120
-_TRAILER_TAG = b"\0lightning-qlora-sha256:"
 
 
-class KernelBuildError(RuntimeError):
-    """The kernel could not be compiled, loaded or verified on this machine."""
+KernelBuildError = NativeBuildError  # the kernel could not be compiled, loaded or verified here
 
 
 @dataclass(frozen=True)
@@ -73,108 +72,13 @@ _loaded: _Kernel | None = None
 _load_attempted = False
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lightning-qlora"
-
-
 def _compiler() -> str | None:
-    """The compiler to use: an explicit setting wins (and is not second-guessed), else the first found."""
-    for env in (COMPILER_ENV, "CC"):
-        value = os.environ.get(env)
-        if value:
-            return value
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the architecture and the CPU's feature flags."""
-    features = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key = line.split(":", 1)[0].strip().lower()
-            if key in ("flags", "features"):
-                features = line.split(":", 1)[1].strip()
-                break
-    return f"{platform.machine()}|{platform.processor()}|{features}"
-
-
-def _compiler_identity(cc: str) -> str:
-    try:
-        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError) as err:
-        raise KernelBuildError(f"C compiler {cc!r} cannot be run: {err}") from err
-    if done.returncode != 0:
-        raise KernelBuildError(f"C compiler {cc!r} --version failed: {done.stderr.strip()[:200]}")
-    return done.stdout.strip()
-
-
-def _library_path(cache_dir: Path, cc: str, flags: tuple[str, ...]) -> Path:
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), _compiler_identity(cc).encode(), " ".join(flags).encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    if "-march=native" in flags:
-        digest.update(_cpu_signature().encode())
-    return cache_dir / f"dequant4bit-{digest.hexdigest()[:20]}.so"
-
-
-def _compile(cc: str, flags: tuple[str, ...], target: Path) -> None:
-    """Compile into a temp file beside `target`, then rename it into place (atomic on one filesystem)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        command = [cc, *flags, str(SOURCE), "-o", tmp_name]
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False
-            )
-        except (OSError, subprocess.SubprocessError) as err:
-            raise KernelBuildError(f"running {cc!r} failed: {err}") from err
-        if done.returncode != 0:
-            detail = (done.stderr or done.stdout).strip().splitlines()
-            raise KernelBuildError(f"{cc!r} failed ({done.returncode}): {' | '.join(detail[-3:])[:400]}")
-        _seal(Path(tmp_name))
-        os.chmod(tmp_name, 0o755)
-        os.replace(tmp_name, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-
-
-def _seal(path: Path) -> None:
-    """Append the library's own SHA-256 and flush it to disk.
-
-    A shared object that is cut short can crash the process inside dlopen (SIGBUS), so a file is loaded
-    only if its trailer matches its content; trailing bytes do not change how the loader maps it.
-    """
-    data = path.read_bytes()
-    with path.open("ab") as handle:
-        handle.write(_TRAILER_TAG + hashlib.sha256(data).hexdigest().encode())
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _is_sealed(path: Path) -> bool:
-    """Whether `path` is a complete library written by `_compile` (its trailer matches its content)."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return False
-    size = len(_TRAILER_TAG) + 64
-    if len(data) <= size or not data[-size:].startswith(_TRAILER_TAG):
-        return False
-    return hashlib.sha256(data[:-size]).hexdigest().encode() == data[-64:]
+    return find_compiler((COMPILER_ENV, "CC"), ("cc", "gcc", "clang"))
 
 
 def _open(path: Path, flags: tuple[str, ...]) -> _Kernel:
     """Load a built library, declare its signature and check it on a small input against plain torch."""
-    if not _is_sealed(path):
+    if not is_sealed(path):
         raise KernelBuildError(f"{path.name} is incomplete or was not written by this module")
     try:
         lib = ctypes.CDLL(str(path))
@@ -266,7 +170,7 @@ def build_kernel(
     Not cached in memory: `kernel_available()` is the cached entry point. A cached library that fails to
     load or to pass the self-check (a truncated or foreign file) is rebuilt once.
     """
-    cache_dir = _cache_dir() if cache_dir is None else Path(cache_dir)
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     cc = _compiler() if cc is None else cc
     if cc is None:
         raise KernelBuildError("no C compiler found (set LIGHTNING_QLORA_CC or CC, or install gcc)")
@@ -277,13 +181,13 @@ def build_kernel(
     errors: list[str] = []
     for flags in attempts:
         try:
-            path = _library_path(cache_dir, cc, flags)
+            path = library_path(cache_dir, "dequant4bit", SOURCE, cc, flags)
             if path.exists():
                 try:
                     return _open(path, flags)
                 except KernelBuildError as err:
                     log.debug("lightning-qlora: rebuilding the cached kernel %s (%s)", path.name, err)
-            _compile(cc, flags, path)
+            compile_library(cc, flags, SOURCE, path)
             return _open(path, flags)
         except (KernelBuildError, OSError) as err:
             errors.append(str(err))
