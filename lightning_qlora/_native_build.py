@@ -28,7 +28,12 @@ class NativeBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no HOME and no passwd entry (a container's arbitrary uid)
+            base = tempfile.gettempdir()
     return Path(base) / "lightning-qlora"
 
 
@@ -59,7 +64,9 @@ def _cpu_signature() -> str:
 
 def _compiler_identity(cc: str) -> str:
     try:
-        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run(
+            [cc, "--version"], capture_output=True, text=True, errors="replace", timeout=30, check=False
+        )
     except (OSError, subprocess.SubprocessError) as err:
         raise NativeBuildError(f"compiler {cc!r} cannot be run: {err}") from err
     if done.returncode != 0:
@@ -92,7 +99,12 @@ def compile_library(
         command = [cc, *flags, str(source), "-o", tmp_name, *link]
         try:
             done = subprocess.run(
-                command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+                command,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=BUILD_TIMEOUT_S,
+                check=False,
             )
         except (OSError, subprocess.SubprocessError) as err:
             raise NativeBuildError(f"running {cc!r} failed: {err}") from err

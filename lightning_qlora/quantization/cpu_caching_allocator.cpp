@@ -27,6 +27,7 @@ namespace {
 
 constexpr std::size_t kPage = 4096;
 constexpr int kClassesPerDoubling = 8;  // a block serves requests up to 1/8 smaller than its size
+constexpr std::size_t kLargest = std::size_t{1} << 48;  // larger requests are not the cache's
 
 struct FreeBlock {
   void* ptr;
@@ -51,17 +52,28 @@ struct Cache {
 
 Cache* cache = nullptr;  // never freed: tensors may outlive every other object
 
-// Round up to a size class: pages, then 8 classes between consecutive powers of two.
+// Round up to a size class: pages, then 8 classes between consecutive powers of two. `n` is at most
+// kLargest, so nothing here overflows.
 std::size_t size_class(std::size_t n) {
   std::size_t size = (n + kPage - 1) & ~(kPage - 1);
-  std::size_t top = kPage;
-  while (top * 2 <= size) top *= 2;
+  std::size_t top = std::size_t{1} << (63 - __builtin_clzll(size));  // highest power of two <= size
   std::size_t step = top / kClassesPerDoubling;
   if (step < kPage) step = kPage;
   return (size + step - 1) / step * step;
 }
 
-void evict_oldest_locked() {
+// Blocks evicted under the lock are unmapped after it is released: munmap interrupts every core running
+// this process's threads, and the other threads need not wait for that.
+struct Evicted {
+  static constexpr int kMax = 32;
+  FreeBlock blocks[kMax];
+  int count = 0;
+  ~Evicted() {
+    for (int i = 0; i < count; ++i) munmap(blocks[i].ptr, blocks[i].size);
+  }
+};
+
+void evict_oldest_locked(Evicted* later) {
   FreeBlock oldest = cache->free_blocks.back();
   auto bucket = cache->free_by_size.find(oldest.size);
   bucket->second.erase(bucket->second.begin());
@@ -69,10 +81,15 @@ void evict_oldest_locked() {
   cache->free_blocks.pop_back();
   cache->cached_bytes -= oldest.size;
   cache->evictions++;
-  munmap(oldest.ptr, oldest.size);
+  if (later != nullptr && later->count < Evicted::kMax) {
+    later->blocks[later->count++] = oldest;
+  } else {
+    munmap(oldest.ptr, oldest.size);
+  }
 }
 
 void release(void* ptr) {
+  Evicted evicted;  // declared before the lock, so unmapped after it is released
   std::unique_lock<std::mutex> lock(cache->mutex);
   auto found = cache->live.find(ptr);
   if (found == cache->live.end()) {  // a small block handed back through raw_deallocate
@@ -84,13 +101,24 @@ void release(void* ptr) {
   cache->live.erase(found);
   cache->live_bytes -= size;
   if (2 * size > cache->cap_bytes) {  // a block this large would flush the whole cache
+    lock.unlock();
     munmap(ptr, size);
     return;
   }
-  while (cache->cached_bytes + size > cache->cap_bytes) evict_oldest_locked();
-  cache->free_blocks.push_front(FreeBlock{ptr, size});
-  cache->free_by_size[size].push_back(cache->free_blocks.begin());
-  cache->cached_bytes += size;
+  while (cache->cached_bytes + size > cache->cap_bytes) evict_oldest_locked(&evicted);
+  try {  // a deleter must not throw: if bookkeeping cannot grow, the block goes back to the OS
+    cache->free_blocks.push_front(FreeBlock{ptr, size});
+    try {
+      cache->free_by_size[size].push_back(cache->free_blocks.begin());
+    } catch (...) {
+      cache->free_blocks.pop_front();
+      throw;
+    }
+    cache->cached_bytes += size;
+  } catch (...) {
+    lock.unlock();
+    munmap(ptr, size);
+  }
 }
 
 void* take_cached_locked(std::size_t size) {
@@ -105,38 +133,49 @@ void* take_cached_locked(std::size_t size) {
   return ptr;
 }
 
-void* map_fresh_locked(std::size_t size) {
+void* map(std::size_t size) {
   void* ptr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (ptr == MAP_FAILED) {  // the cached blocks may be what is missing
-    while (!cache->free_blocks.empty()) evict_oldest_locked();
-    ptr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  }
   return ptr == MAP_FAILED ? nullptr : ptr;
 }
 
 struct CachingCPUAllocator final : c10::Allocator {
   c10::DataPtr allocate(std::size_t n) override {
-    if (n < cache->min_bytes) return cache->previous->allocate(n);
+    // Small requests, and sizes no machine has, go to the allocator installed before (torch's message).
+    if (n < cache->min_bytes || n > kLargest) return cache->previous->allocate(n);
     std::size_t size = size_class(n);
     void* ptr = nullptr;
     {
-      std::lock_guard<std::mutex> lock(cache->mutex);
+      std::unique_lock<std::mutex> lock(cache->mutex);
       ptr = take_cached_locked(size);
       if (ptr != nullptr) {
         cache->hits++;
       } else {
         cache->misses++;
-        ptr = map_fresh_locked(size);
-        TORCH_CHECK(ptr != nullptr, "lightning-qlora CPU caching allocator: not enough memory: you tried to ",
-                    "allocate ", n, " bytes.");
+        lock.unlock();
+        ptr = map(size);
+        if (ptr == nullptr) {  // the cached blocks may be what is missing; then glibc's own rules
+          release_all_cached();
+          ptr = map(size);
+          if (ptr == nullptr) return cache->previous->allocate(n);  // e.g. at vm.max_map_count
+        }
+        lock.lock();
       }
-      cache->live.emplace(ptr, size);
+      try {
+        cache->live.emplace(ptr, size);
+      } catch (...) {
+        lock.unlock();
+        munmap(ptr, size);
+        throw;
+      }
       cache->live_bytes += size;
     }
     return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
-  // Small blocks come from the previous allocator, so raw_deallocate works only if it has a raw deleter.
+  // raw_allocate/raw_deallocate (ideep's scratch memory) need one deleter for every block, so `release`
+  // hands pointers it did not map to the previous allocator's raw deleter. Small blocks' DataPtrs still
+  // carry that allocator's own deleter, so compare_exchange_deleter against ours fails for them (only
+  // CUDA code does that).
   c10::DeleterFnPtr raw_deleter() const override {
     return cache->previous->raw_deleter() != nullptr ? &release : nullptr;
   }
@@ -144,9 +183,15 @@ struct CachingCPUAllocator final : c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
+
+  static void release_all_cached() {
+    Evicted evicted;
+    std::lock_guard<std::mutex> lock(cache->mutex);
+    while (!cache->free_blocks.empty()) evict_oldest_locked(&evicted);
+  }
 };
 
-CachingCPUAllocator allocator;
+CachingCPUAllocator* allocator = nullptr;  // never destroyed: a thread may allocate during exit
 
 // A process forked while another thread holds the lock (a DataLoader worker) must not inherit it held.
 void before_fork() { cache->mutex.lock(); }
@@ -159,25 +204,25 @@ extern "C" {
 int lq_alloc_abi_version() { return 1; }
 
 // Route CPU allocations of `min_bytes` and more through the cache, keeping up to `cap_bytes` of freed
-// blocks. Returns 1 when torch now allocates through it; later calls only return that.
+// blocks. Returns 1 when torch now allocates through it (later calls only return that), 0 when torch
+// kept an allocator of higher priority, -1 for invalid sizes.
 int lq_alloc_install(long long min_bytes, long long cap_bytes) {
   if (cache == nullptr) {
-    if (min_bytes < 1 || cap_bytes < 0) return 0;
+    if (min_bytes < 1 || cap_bytes < 0) return -1;
     cache = new Cache();
     cache->min_bytes = static_cast<std::size_t>(min_bytes);
     cache->cap_bytes = static_cast<std::size_t>(cap_bytes);
     cache->previous = c10::GetCPUAllocator();
+    allocator = new CachingCPUAllocator();
     pthread_atfork(before_fork, after_fork, after_fork);
-    c10::SetCPUAllocator(&allocator, /*priority=*/1);
+    c10::SetCPUAllocator(allocator, /*priority=*/1);
   }
-  return c10::GetCPUAllocator() == &allocator ? 1 : 0;
+  return c10::GetCPUAllocator() == allocator ? 1 : 0;
 }
 
 // Return every cached block to the operating system (what malloc_trim is to glibc's heap).
 void lq_alloc_release_cached() {
-  if (cache == nullptr) return;
-  std::lock_guard<std::mutex> lock(cache->mutex);
-  while (!cache->free_blocks.empty()) evict_oldest_locked();
+  if (cache != nullptr) CachingCPUAllocator::release_all_cached();
 }
 
 // cached bytes, live bytes, hits, misses, evictions, min bytes, cap bytes.

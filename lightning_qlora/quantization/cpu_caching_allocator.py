@@ -66,9 +66,10 @@ def build(directory: Path | None = None, cxx: str | None = None) -> ctypes.CDLL:
     flags = _flags()
     # The headers' layout of c10::Allocator is torch's ABI: a new torch gets a new build.
     directory = directory or cache_dir()
-    path = library_path(directory, "cpu_caching_allocator", SOURCE, cxx, flags, torch.__version__)
+    link = _link()
+    path = library_path(directory, "cpu_caching_allocator", SOURCE, cxx, flags, f"{link} {torch.__version__}")
     if not is_sealed(path):
-        compile_library(cxx, flags, SOURCE, path, _link())
+        compile_library(cxx, flags, SOURCE, path, link)
     try:
         lib = ctypes.CDLL(str(path))
         version = lib.lq_alloc_abi_version
@@ -95,11 +96,16 @@ def install(min_bytes: int = MIN_BYTES, cache_bytes: int = CACHE_BYTES) -> bool:
             _attempted = True
             try:
                 lib = build()
-                if lib.lq_alloc_install(min_bytes, cache_bytes) != 1:
-                    raise NativeBuildError("torch kept another CPU allocator of higher priority")
+                status = lib.lq_alloc_install(min_bytes, cache_bytes)
+                if status != 1:
+                    raise NativeBuildError(
+                        f"invalid sizes min_bytes={min_bytes}, cache_bytes={cache_bytes}"
+                        if status < 0
+                        else "torch kept another CPU allocator of higher priority"
+                    )
                 _library = lib
                 log.debug("lightning-qlora: CPU caching allocator installed (%s)", stats())
-            except (NativeBuildError, OSError) as err:
+            except Exception as err:  # never an error: memory stays as lean, only slower
                 log.warning("lightning-qlora: CPU caching allocator unavailable (%s); using glibc's.", err)
     return _library is not None
 
