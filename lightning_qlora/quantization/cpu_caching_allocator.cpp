@@ -88,6 +88,13 @@ void evict_oldest_locked(Evicted* later) {
   }
 }
 
+// torch.profiler(profile_memory=True) sees these blocks as it sees the default allocator's.
+void report_to_profiler(void* ptr, std::int64_t delta, std::size_t live, std::size_t reserved) {
+  if (c10::memoryProfilingEnabled()) {
+    c10::reportMemoryUsageToProfiler(ptr, delta, live, reserved, c10::Device(c10::DeviceType::CPU));
+  }
+}
+
 void release(void* ptr) {
   Evicted evicted;  // declared before the lock, so unmapped after it is released
   std::unique_lock<std::mutex> lock(cache->mutex);
@@ -100,25 +107,27 @@ void release(void* ptr) {
   std::size_t size = found->second;
   cache->live.erase(found);
   cache->live_bytes -= size;
-  if (2 * size > cache->cap_bytes) {  // a block this large would flush the whole cache
-    lock.unlock();
-    munmap(ptr, size);
-    return;
-  }
-  while (cache->cached_bytes + size > cache->cap_bytes) evict_oldest_locked(&evicted);
-  try {  // a deleter must not throw: if bookkeeping cannot grow, the block goes back to the OS
-    cache->free_blocks.push_front(FreeBlock{ptr, size});
-    try {
-      cache->free_by_size[size].push_back(cache->free_blocks.begin());
+  std::size_t live = cache->live_bytes;
+  bool keep = 2 * size <= cache->cap_bytes;  // a larger block would flush the whole cache
+  if (keep) {
+    while (cache->cached_bytes + size > cache->cap_bytes) evict_oldest_locked(&evicted);
+    try {  // a deleter must not throw: if bookkeeping cannot grow, the block goes back to the OS
+      cache->free_blocks.push_front(FreeBlock{ptr, size});
+      try {
+        cache->free_by_size[size].push_back(cache->free_blocks.begin());
+      } catch (...) {
+        cache->free_blocks.pop_front();
+        throw;
+      }
+      cache->cached_bytes += size;
     } catch (...) {
-      cache->free_blocks.pop_front();
-      throw;
+      keep = false;
     }
-    cache->cached_bytes += size;
-  } catch (...) {
-    lock.unlock();
-    munmap(ptr, size);
   }
+  std::size_t reserved = live + cache->cached_bytes;
+  lock.unlock();
+  if (!keep) munmap(ptr, size);
+  report_to_profiler(ptr, -static_cast<std::int64_t>(size), live, reserved);
 }
 
 void* take_cached_locked(std::size_t size) {
@@ -144,6 +153,8 @@ struct CachingCPUAllocator final : c10::Allocator {
     if (n < cache->min_bytes || n > kLargest) return cache->previous->allocate(n);
     std::size_t size = size_class(n);
     void* ptr = nullptr;
+    std::size_t live = 0;
+    std::size_t reserved = 0;
     {
       std::unique_lock<std::mutex> lock(cache->mutex);
       ptr = take_cached_locked(size);
@@ -168,7 +179,10 @@ struct CachingCPUAllocator final : c10::Allocator {
         throw;
       }
       cache->live_bytes += size;
+      live = cache->live_bytes;
+      reserved = live + cache->cached_bytes;
     }
+    report_to_profiler(ptr, static_cast<std::int64_t>(size), live, reserved);
     return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
   }
 

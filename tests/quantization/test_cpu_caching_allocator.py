@@ -214,3 +214,20 @@ def test_impossible_and_raw_requests_behave_as_without_it(build_cache: str) -> N
         """,
     )
     assert result == {"errors": ["RuntimeError"] * 3, "cached": True}
+
+
+@needs_compiler
+def test_the_memory_profiler_sees_its_blocks(build_cache: str) -> None:
+    result = run(
+        build_cache,
+        """
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            x = torch.ones(MIB)  # 4 MiB, the cache's
+            del x
+        events = [e for e in prof.key_averages() if e.key in ("aten::ones", "aten::empty")]
+        print(json.dumps({"bytes": max(e.cpu_memory_usage for e in events)}))
+        """,
+    )
+    assert result["bytes"] == 4 << 20
