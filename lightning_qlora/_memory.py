@@ -12,6 +12,8 @@ import ctypes.util
 import functools
 from typing import Any
 
+from lightning_qlora.quantization.cpu_caching_allocator import release_cached
+
 
 @functools.cache
 def _libc() -> Any:
@@ -27,8 +29,6 @@ def _libc() -> Any:
 
 def release_freed_memory() -> None:
     """Give freed heap memory and the caching allocator's blocks back to the OS (glibc only for the heap)."""
-    from lightning_qlora.quantization.cpu_caching_allocator import release_cached
-
     release_cached()
     libc = _libc()
     if libc is not None:

@@ -58,9 +58,14 @@ def _link() -> tuple[str, ...]:
     return (f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}")
 
 
+def compiler() -> str | None:
+    """The C++ compiler `build` uses: an explicit setting wins, else the first found."""
+    return find_compiler((COMPILER_ENV, "CXX"), ("c++", "g++", "clang++"))
+
+
 def build(directory: Path | None = None, cxx: str | None = None) -> ctypes.CDLL:
     """Build (or reuse from the cache) and load the allocator library; raise NativeBuildError if it fails."""
-    cxx = cxx or find_compiler((COMPILER_ENV, "CXX"), ("c++", "g++", "clang++"))
+    cxx = cxx or compiler()
     if cxx is None:
         raise NativeBuildError("no C++ compiler found (set LIGHTNING_QLORA_CXX or CXX, or install g++)")
     flags = _flags()

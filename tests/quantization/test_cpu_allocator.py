@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 
-from lightning_qlora._native_build import find_compiler
 from lightning_qlora.quantization import cpu_caching_allocator
 from lightning_qlora.quantization.cpu_allocator import _glibc
 
@@ -113,7 +112,7 @@ SETTERS = {
 def test_it_is_set_on_cpu_unless_told_not_to(setter: str) -> None:
     """The threshold and, where a C++ compiler can build it, the caching allocator."""
     code = SETTER_PRELUDE + textwrap.dedent(SETTERS[setter]) + "print(heap_growth_limit(), installed())\n"
-    compiler = find_compiler((cpu_caching_allocator.COMPILER_ENV, "CXX"), ("c++", "g++", "clang++"))
+    compiler = cpu_caching_allocator.compiler()
     for flag, expected in (("on", f"{1 << 20} {compiler is not None}"), ("off", "None False")):
         proc = subprocess.run(
             [sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=300, check=True
