@@ -12,8 +12,6 @@ import ctypes.util
 import functools
 from typing import Any
 
-from lightning_qlora.quantization.cpu_caching_allocator import release_cached
-
 
 @functools.cache
 def _libc() -> Any:
@@ -28,8 +26,8 @@ def _libc() -> Any:
 
 
 def release_freed_memory() -> None:
-    """Give freed heap memory and the caching allocator's blocks back to the OS (glibc only for the heap)."""
-    release_cached()
+    """Give freed heap memory back to the OS (glibc only); the caching allocator's blocks go back through
+    its own `release_cached`, which callers call first."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

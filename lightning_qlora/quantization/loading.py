@@ -27,6 +27,7 @@ from lightning_qlora.quantization.convert import (
     set_compute_dtype,
 )
 from lightning_qlora.quantization.cpu_allocator import limit_heap_growth
+from lightning_qlora.quantization.cpu_caching_allocator import release_cached
 from lightning_qlora.quantization.layers import (
     is_quantized,
     quantize_layer,
@@ -87,6 +88,7 @@ def load_quantized(
         new = _assign(model, target, tensor, device, dtype, shells)
         loaded.add(target)
         if target.rpartition(".")[0] in shells:
+            release_cached()
             release_freed_memory()
         for alias in aliases.get(target, ()):  # tied weights (an LM head sharing the embedding) stay tied
             if alias in loaded or alias not in expected:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_qlora._bnb import bitsandbytes
-from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.quantization.backends.base import QuantizationFormat
 from lightning_qlora.quantization.frozen_linear import WeightTiles, frozen_linear
 
 bitsandbytes()  # a missing install fails here with a message that names the fix
@@ -99,7 +99,7 @@ class BitsandbytesBackend:
     name = NAME
 
     def make_layer(
-        self, linear: nn.Linear, config: QuantizationConfig, compute_dtype: torch.dtype | None
+        self, linear: nn.Linear, config: QuantizationFormat, compute_dtype: torch.dtype | None
     ) -> nn.Linear:
         weight = linear.weight
         layer = QLoRALinear4bit(
