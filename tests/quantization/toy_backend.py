@@ -39,6 +39,9 @@ class ToyInt4Linear(nn.Linear):
 class ToyInt4Backend:
     name = NAME
 
+    def cpu_has_native_bf16(self) -> bool:
+        return False  # its matmuls are torch's own: fp32 is the safe choice on any CPU
+
     def make_layer(
         self, linear: nn.Linear, config: QuantizationFormat, compute_dtype: torch.dtype | None
     ) -> nn.Linear:

@@ -81,6 +81,11 @@ class QuantizationBackend(Protocol):
         """The tensors a packed weight is saved as, keyed relative to the layer (`weight`, `weight.*`)."""
         ...
 
+    def cpu_has_native_bf16(self) -> bool:
+        """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), as the library that computes
+        sees it; `compute_dtype="auto"` picks bf16 on a CPU only then."""
+        ...
+
     def load_from_state_dict(self, layer: nn.Linear, state_dict: Mapping[str, Any], prefix: str) -> None:
         """Rebuild the weight from `state_dict` (its packed form, or a full-precision weight to quantize).
 

@@ -84,6 +84,7 @@ def cpu_kernel() -> ModuleType | None:
     return module
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPUs on which bf16 matmuls are fast."""
     try:
@@ -97,6 +98,9 @@ class BitsandbytesBackend:
     """NF4/FP4 through bitsandbytes (CPU and CUDA)."""
 
     name = NAME
+
+    def cpu_has_native_bf16(self) -> bool:
+        return cpu_has_native_bf16()
 
     def make_layer(
         self, linear: nn.Linear, config: QuantizationFormat, compute_dtype: torch.dtype | None
