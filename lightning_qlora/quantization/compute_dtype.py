@@ -1,7 +1,7 @@
 """Choosing the dtype the dequantized matmul runs in, per device.
 
 bf16 is the paper's choice and right on CUDA, but CPUs without native bf16 run bf16 matmuls two orders of
-magnitude slower than fp32 (measured: 230x on an AVX2 EPYC), so "auto" picks by what the device can do.
+magnitude slower than fp32 (benchmarks/README.md), so "auto" picks by what the device can do.
 """
 
 from __future__ import annotations

@@ -58,8 +58,7 @@ def load_quantized(
 
     `limit_cpu_heap` (on a CPU device) sets `QLoRAPrecision`'s heap limit before the first tensor is read:
     loading's megabyte-size temporaries then go back to the OS instead of leaving the heap full of free
-    blocks that training's activations refill. Measured on a 0.5B Llama: without it the heap kept 0-1.9
-    GiB of free blocks after loading, by chance, and training's anonymous peak varied from 1.5 to 2.4 GiB.
+    blocks that training's activations refill, leaving training's peak to chance (benchmarks/README.md).
     """
     limit_cpu_heap = check_bool("load_quantized", "limit_cpu_heap", limit_cpu_heap)
     config = config or QuantizationConfig()

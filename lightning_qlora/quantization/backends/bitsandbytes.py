@@ -40,9 +40,8 @@ log = logging.getLogger(__name__)
 
 NAME = "bitsandbytes"
 # Bytes of dequantized weight per band of rows the CPU path dequantizes and multiplies at once, per
-# thread. Measured (fwd + input grad, 256 tokens, 0.5B and 7B Llama shapes, fp32 and bf16): bands of 1 MiB
-# lose 20-80% to the many small matmuls and single-threaded dequantization; 8 MiB per thread is within
-# a few percent of the best band at one and two threads, and beats the whole 7B weight by a third.
+# thread. Smaller bands lose time to many small matmuls and single-threaded dequantization, larger ones
+# gain nothing (measured: benchmarks/README.md).
 TILE_BYTES_PER_THREAD = 8 << 20
 
 
