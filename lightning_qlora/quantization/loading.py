@@ -20,7 +20,7 @@ from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
 from lightning_qlora._names import BASE_LAYER, describe_names
 from lightning_qlora._settings import check_bool
-from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
 from lightning_qlora.quantization.convert import (
     quantization_targets,
     require_linear_layers,
@@ -48,7 +48,7 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     strict: bool = True,
     key_map: Callable[[str], str | None] | None = None,
-    limit_cpu_heap: bool = True,
+    limit_cpu_heap: bool = PrecisionPluginSettings.limit_cpu_heap,
 ) -> list[str]:
     """Fill `model` from `source`, quantizing the selected linear weights layer by layer on `device`.
 

@@ -15,6 +15,7 @@ from lightning_qlora.optimizer_config import (  # noqa: F401 (the strategies' na
     OPTIMIZERS,
     SCHEDULERS,
     OptimizerConfig,
+    StrategySettings,
 )
 
 
