@@ -22,6 +22,7 @@ than trusted.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 
@@ -40,6 +41,7 @@ FP4 = tuple(v / 12 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -1
 TABLES = {"nf4": NF4, "fp4": FP4}
 
 
+@functools.cache
 def dynamic_map() -> torch.Tensor:
     """The signed 8-bit dynamic map double quantization uses (Dettmers 2016, "8-bit approximations").
 
@@ -52,6 +54,12 @@ def dynamic_map() -> torch.Tensor:
         mids = (bounds[:-1] + bounds[1:]) / 2.0
         values += (10 ** (i - 6) * mids).tolist() + (-(10 ** (i - 6)) * mids).tolist()
     return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.cache
+def table(quant_type: str) -> torch.Tensor:
+    """The 16 values of a 4-bit type as an fp32 tensor, in code order."""
+    return torch.tensor(TABLES[quant_type], dtype=torch.float32)
 
 
 def format_settings(tensors: Mapping[str, torch.Tensor]) -> dict[str, object]:
@@ -78,11 +86,11 @@ def block_scales(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
 def reference_weight(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (out, in) weight a packed 4-bit weight encodes, from its state-dict tensors (see module doc)."""
     settings = format_settings(tensors)
-    table = torch.tensor(TABLES[str(settings["quant_type"])], dtype=torch.float32)
-    assert torch.equal(tensors["weight.quant_map"].float(), table)
+    values = table(str(settings["quant_type"]))
+    assert torch.equal(tensors["weight.quant_map"].float(), values)
     rows, cols = settings["shape"]  # type: ignore[misc]
     n = rows * cols
     packed = tensors["weight"].reshape(-1).view(torch.uint8)
     codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[:n].long()
     block = torch.arange(n) // int(settings["blocksize"])  # type: ignore[call-overload]
-    return (table[codes] * block_scales(tensors)[block]).to(dtype).view(rows, cols)
+    return (values[codes] * block_scales(tensors)[block]).to(dtype).view(rows, cols)

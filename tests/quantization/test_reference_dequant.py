@@ -113,10 +113,9 @@ def within_quantization_error(
     n = original.numel()
     flat = F.pad(original.flatten(), (0, -n % 64)).view(-1, 64)
     absmax = flat.abs().amax(dim=1)
-    scales = block_scales(tensors)
-    table = sorted(TABLES[quant_type])
-    half_gap = max(b - a for a, b in itertools.pairwise(table)) / 2
-    bound = absmax * half_gap * (1 + 1e-5) + (absmax - scales).abs() + 1e-7
+    levels = sorted(TABLES[quant_type])
+    half_gap = max(b - a for a, b in itertools.pairwise(levels)) / 2
+    bound = absmax * half_gap * (1 + 1e-5) + (absmax - block_scales(tensors)).abs() + 1e-7
     decoded = F.pad(reference_weight(tensors).flatten(), (0, -n % 64)).view(-1, 64)
     return bool(((decoded - flat).abs() <= bound[:, None]).all())
 
