@@ -55,7 +55,7 @@ def config(quant_type: str, double_quant: bool) -> QuantizationConfig:
 
 
 def weights(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight of scale 0.05 (what trained layers have) and a bias, seeded by the shape."""
+    """A weight of standard deviation 0.05 and a bias, seeded by the shape."""
     g = torch.Generator().manual_seed(rows * 10_000 + cols)
     return torch.randn(rows, cols, generator=g) * 0.05, torch.randn(rows, generator=g) * 0.05
 
@@ -167,6 +167,30 @@ def test_forward_and_input_gradient_equal_the_reference(
                 wrong.append(f"input grad {shape(layer)} {dtype}")
         set_layer_compute_dtype(layer, torch.float32)
     assert not wrong, f"differs from the reference: {wrong}"
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+def test_band_by_band_forward_and_input_gradient_equal_the_reference(
+    double_quant: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large layers are dequantized a band of rows at a time (the native kernel from a row offset): bands
+    of a few rows here, over rows that end inside blocks (and, with double quantization, inside nested
+    blocks of 64 x 256 values)."""
+    if bnb_backend.cpu_kernel() is None:
+        pytest.skip("bands need the native CPU dequantization kernel")
+    monkeypatch.setattr(bnb_backend, "TILE_BYTES_PER_THREAD", 1 << 12)
+    shapes = [(2100, 16), (1100, 80)] if double_quant else [(40, 688), (40, 80), (24, 1024), (30, 1096)]
+    for rows, cols in shapes:
+        layer = four_bit(rows, cols, "nf4", double_quant)
+        tiles = bnb_backend.BACKEND.weight_tiles(layer, torch.float32)
+        assert tiles is not None and tiles.rows < rows, (rows, cols)  # more than one band
+        reference = reference_weight(quantized_weight_state(layer))
+        x = torch.randn(2, cols, requires_grad=True)
+        out = layer(x)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        torch.testing.assert_close(out, F.linear(x.detach(), reference, layer.bias), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad, grad @ reference, rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the expensive paths
