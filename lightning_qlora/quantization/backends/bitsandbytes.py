@@ -76,11 +76,68 @@ def cpu_kernel() -> ModuleType | None:
     try:
         module = importlib.import_module("lightning_qlora.quantization.backends.cpu_kernel")
     except ImportError as err:
-        log.info("lightning-qlora: no native CPU dequantization kernel (%s); using bitsandbytes'.", err)
+        log.info("lightning-qlora: no native CPU dequantization kernel (%s); decoding in plain torch.", err)
         return None
     if not module.kernel_available():
         return None
     return module
+
+
+def bitsandbytes_cpu_decode_is_wrong(in_features: int, blocksize: int) -> bool:
+    """True where bitsandbytes' own CPU `dequantize_4bit` (so `Linear4bit.forward`, and transformers +
+    PEFT on CPU) decodes a weight with rows of `in_features` values to other values than were quantized.
+
+    On CPUs with AVX-512F its kernel takes a vector path for rows of a multiple of 16 values, and that
+    path reads the scale of block ``row * (in_features // blocksize) + column // blocksize``: right only
+    if every row starts a block. `quantize_4bit` numbers blocks over the flattened weight, so rows that end
+    inside a block (16, 32, 48, 80, ..., 688 values with blocks of 64) get their neighbours' scales. Other
+    rows, and every row on other CPUs, take its scalar path, which is right. Read from bitsandbytes 0.50.2's
+    CPU library; see docs/interop.md.
+    """
+    return (
+        in_features % 16 == 0
+        and blocksize >= 16
+        and in_features % blocksize != 0
+        and _bitsandbytes_cpu_has_avx512f()
+    )
+
+
+@functools.cache
+def _bitsandbytes_cpu_has_avx512f() -> bool:
+    """The check bitsandbytes' CPU library makes before its AVX-512 decode (torch's view if it has none)."""
+    from bitsandbytes.cextension import lib
+
+    probe = getattr(lib, "has_avx512f_cpu", None)
+    if probe is not None:
+        try:
+            return bool(probe())
+        except (OSError, RuntimeError):  # bitsandbytes without its native library
+            pass
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def _bitsandbytes_decodes(data: torch.Tensor, state: QuantState, in_features: int) -> bool:
+    """Whether bitsandbytes' `dequantize_4bit` decodes this weight: on its GPU backends only.
+
+    On CPU the package always decodes itself (the native kernel, else a plain-torch decode): bitsandbytes'
+    CPU decode allocates a fresh output per call, and is wrong on AVX-512 CPUs for rows ending inside a
+    block (`bitsandbytes_cpu_decode_is_wrong`); such shapes are named in one debug line.
+    """
+    if data.device.type != "cpu":
+        return True
+    if in_features % state.blocksize and bitsandbytes_cpu_decode_is_wrong(in_features, state.blocksize):
+        _log_own_decode(in_features, state.blocksize)
+    return False
+
+
+@functools.cache
+def _log_own_decode(in_features: int, blocksize: int) -> None:
+    log.debug(
+        "lightning-qlora: rows of %d values end inside blocks of %d, which bitsandbytes' CPU "
+        "dequantize_4bit decodes wrongly on this (AVX-512) CPU; these layers use the package's decode.",
+        in_features,
+        blocksize,
+    )
 
 
 @functools.cache
@@ -174,7 +231,7 @@ class BitsandbytesBackend:
         if not getattr(weight, "bnb_quantized", False):
             return weight.data.to(dtype or weight.dtype, copy=True)
         data, state = _unpacked_for_cpu(weight)
-        if data.device.type != "cpu":
+        if _bitsandbytes_decodes(data, state, layer.in_features):
             full = dequantize_4bit(data, state)
             return full.to(dtype) if dtype is not None else full
         # On CPU the same decode as the forward pass, so merges and exports match what was trained.
@@ -199,7 +256,7 @@ class BitsandbytesBackend:
         """The weight (or, from `first_row`, as many rows as `out` holds: the native kernel only)."""
         data, state = _unpacked_for_cpu(_params(layer))
         partial = first_row != 0 or out.numel() != layer.out_features * layer.in_features
-        if out.device.type != "cpu":
+        if _bitsandbytes_decodes(data, state, layer.in_features):
             out.copy_(dequantize_4bit(data, state).view(out.shape))
             return out
         kernel = cpu_kernel()
@@ -306,11 +363,11 @@ def _dequantize_flat_into(data: torch.Tensor, state: QuantState, out: torch.Tens
     """bitsandbytes' 4-bit decode in plain torch, written into `out` chunk by chunk.
 
     The CPU fallback when the native kernel is unavailable. Not `dequantize_4bit`: it allocates the whole
-    output on every call, and on AVX-512 CPUs bitsandbytes 0.50.2 indexes absmax per row when a row ends
-    inside a block (in_features not a multiple of the blocksize), which decodes those layers to other
-    weights than `quantize_4bit` encoded. This follows the flat block layout `quantize_4bit` writes, with
-    the same arithmetic as bitsandbytes' generic implementation (code value times fp32 absmax, one
-    rounding to the output dtype), so it is bit-identical to it and to the native kernel.
+    output on every call, and on AVX-512 CPUs it decodes rows that end inside a block to other weights
+    than `quantize_4bit` encoded (`bitsandbytes_cpu_decode_is_wrong`). This follows the flat block layout
+    `quantize_4bit` writes, with the same arithmetic as bitsandbytes' generic implementation (code value
+    times fp32 absmax, one rounding to the output dtype), so it is bit-identical to it and to the native
+    kernel.
     """
     absmax = state.absmax
     if state.nested:
