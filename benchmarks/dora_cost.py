@@ -46,7 +46,7 @@ def worker(config: str, model_size: str, steps: int, warmup: int, dropout: float
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_qlora.lora import LoRAConfig, inject_adapters, set_trainable
+    from lightning_qlora.lora import LoRAConfig, inject_adapters, set_trainable_params
     from lightning_qlora.quantization import QuantizationConfig, replace_linear_layers
 
     library_warm_up(torch.float32)
@@ -55,7 +55,7 @@ def worker(config: str, model_size: str, steps: int, warmup: int, dropout: float
     inject_adapters(
         model, LoRAConfig(r=64, alpha=16.0, dropout=dropout, use_dora=config.startswith(("qdora", "dora")))
     )
-    set_trainable(model)
+    set_trainable_params(model)
     if config.startswith("q"):
         replace_linear_layers(model, QuantizationConfig(compute_dtype="float32"), compute_dtype=torch.float32)
     model.train()

@@ -129,9 +129,11 @@ def worker_main(args: argparse.Namespace) -> int:
 
     from lightning_qlora import quantization_report
     from lightning_qlora._memory import release_freed_memory
+    from lightning_qlora.quantization.cpu_caching_allocator import release_cached
 
     library_warm_up(torch_dtype(args.compute_dtype))
     gc.collect()
+    release_cached()
     release_freed_memory()
     model_dir = Path(args.model_dir)
     reset_ok = reset_peak_rss()

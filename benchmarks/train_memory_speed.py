@@ -276,10 +276,12 @@ def worker_main(args: argparse.Namespace) -> int:
         return 0
     import_everything()
     from lightning_qlora._memory import release_freed_memory
+    from lightning_qlora.quantization.cpu_caching_allocator import release_cached
 
     device = torch.device(args.device)
     library_warm_up(torch_dtype(args.compute_dtype))
     gc.collect()
+    release_cached()
     release_freed_memory()
     model_dir = Path(args.model_dir)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]

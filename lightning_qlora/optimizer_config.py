@@ -177,6 +177,15 @@ class OptimizerConfig:
 OPTIMIZER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OptimizerConfig))
 
 
+@dataclass(frozen=True)
+class StrategySettings:
+    """The defaults of the QLoRA strategies' own arguments beside `OptimizerConfig`: one source for their
+    signatures and the trainer configs (`${lq.strategy_default:max_grad_norm}`). The strategies check them."""
+
+    force_optimizer: bool = False
+    max_grad_norm: float | None = 0.3  # the paper's gradient-norm clip
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

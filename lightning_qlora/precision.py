@@ -78,7 +78,7 @@ class QLoRAPrecision(Precision):
         device = _accelerator_device(module)
         compute_dtype = None
         if device is not None:
-            compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device)
+            compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device, self.config.backend)
         replace_linear_layers(
             module, self.config, compute_dtype=compute_dtype, device=device, quantize_now=device is not None
         )
@@ -94,7 +94,7 @@ class QLoRAPrecision(Precision):
             quantize_layer(layer)
         if layers:
             device = layers[0].weight.device
-            self.compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device)
+            self.compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device, self.config.backend)
             set_compute_dtype(model, self.compute_dtype)
             if self.limit_cpu_heap and device.type == "cpu":
                 limit_heap_growth()

@@ -5,9 +5,13 @@ from __future__ import annotations
 import netrc
 import os
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
+
+from lightning_qlora.optimizer_config import StrategySettings
 
 _WANDB_HOST = "api.wandb.ai"
 
@@ -48,10 +52,20 @@ def job_dirname(num: int, overrides: Sequence[str]) -> str:
     return name(num, list(overrides))
 
 
+def strategy_default(name: str) -> Any:
+    """A QLoRA strategy argument's default (`StrategySettings`), so the trainer configs do not repeat it."""
+    allowed = [f.name for f in fields(StrategySettings)]
+    if name not in allowed:
+        raise ValueError(f"lq.strategy_default: no setting {name!r}; allowed: {', '.join(allowed)}.")
+    return getattr(StrategySettings(), name)
+
+
 def register_resolvers() -> None:
-    """`${lq.wandb_offline:}`, `${lq.version:}`, `${lq.job_dirname:num,overrides}`; safe to call again."""
+    """`${lq.wandb_offline:}`, `${lq.version:}`, `${lq.job_dirname:num,overrides}`,
+    `${lq.strategy_default:name}`; safe to call again."""
     for name, resolver in (
         ("lq.wandb_offline", wandb_offline),
+        ("lq.strategy_default", strategy_default),
         ("lq.version", package_version),
         ("lq.job_dirname", job_dirname),
     ):

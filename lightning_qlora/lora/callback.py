@@ -19,10 +19,10 @@ from lightning_qlora._logging import rank_zero_info, rank_zero_warn
 from lightning_qlora._rng import capture_rng_state, restore_rng_state
 from lightning_qlora._settings import SettingTypeError, check_bool, config_from, signature_with_fields
 from lightning_qlora._train_mode import ensure_training
-from lightning_qlora.lora.adapter import adapter_modules
+from lightning_qlora.lora.adapter import adapter_modules, set_trainable_params
 from lightning_qlora.lora.config import LoRACallbackSettings, LoRAConfig
 from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
-from lightning_qlora.lora.inject import check_patterns, inject_adapters, set_trainable, summarize
+from lightning_qlora.lora.inject import check_patterns, inject_adapters, summarize
 from lightning_qlora.lora.resume_checks import CHECKPOINT_KEY, base_fingerprint, check_resume, resume_record
 from lightning_qlora.precision import QLoRAPrecision
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
@@ -114,7 +114,7 @@ class LoRA(Callback):
         """Adapt `pl_module` now (idempotent): check patterns, wrap layers, freeze the rest, report."""
         check_patterns(pl_module, self.config, check_exclude=self._check_exclude)
         new = inject_adapters(pl_module, self.config, self.quantization)
-        set_trainable(pl_module)
+        set_trainable_params(pl_module)
         self._base_fingerprint = base_fingerprint(pl_module)  # before quantization, as on every resume
         if new:
             self.adapted.extend(new)

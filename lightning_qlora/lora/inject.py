@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -10,11 +10,8 @@ from torch import nn
 from lightning_qlora._modules import set_submodule
 from lightning_qlora._names import describe_names, logical_name, matches, matches_any, unmatched_patterns
 from lightning_qlora.lora.adapter import (
-    AdapterModule,
     adapter_modules,
-    adapter_params,
     is_adapter,
-    set_trainable_params,
 )
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.dora import DoRALinear
@@ -48,16 +45,6 @@ class AdapterSummary:
             f"LoRA: {self.adapted_layers} adapted layers | trainable params {self.trainable_params:,} | "
             f"total params {self.total_params:,} | trainable {100 * self.trainable_share:.3f}%"
         )
-
-
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
-    """Every adapter in `model`, found through the adapter protocol (`adapter_modules`), never by name."""
-    return adapter_modules(model)
-
-
-def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """(full name, parameter) of every adapter parameter; `adapter_params` as pairs."""
-    yield from adapter_params(model).items()
 
 
 def check_patterns(model: nn.Module, config: LoRAConfig, check_exclude: bool = False) -> None:
@@ -137,11 +124,6 @@ def mark_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
     return marked
 
 
-def set_trainable(model: nn.Module) -> None:
-    """Freeze every parameter except adapters and the parameters of `modules_to_save`."""
-    set_trainable_params(model)
-
-
 def check_ranks(plan: list[tuple[str, nn.Module, int]]) -> None:
     """Refuse, before any allocation, a rank above the larger side of the layer it adapts.
 
@@ -169,7 +151,7 @@ def summarize(model: nn.Module) -> AdapterSummary:
         if param.requires_grad:
             trainable += n
     return AdapterSummary(
-        adapted_layers=sum(1 for _ in adapter_layers(model)), trainable_params=trainable, total_params=total
+        adapted_layers=sum(1 for _ in adapter_modules(model)), trainable_params=trainable, total_params=total
     )
 
 

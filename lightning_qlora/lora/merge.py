@@ -15,8 +15,7 @@ from torch import nn
 
 from lightning_qlora._atomic import atomic_directory
 from lightning_qlora._modules import set_submodule
-from lightning_qlora.lora.adapter import AdapterModule, is_adapter
-from lightning_qlora.lora.inject import adapter_layers
+from lightning_qlora.lora.adapter import AdapterModule, adapter_modules, is_adapter
 from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR, dequantize_weight, is_linear4bit
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -100,7 +99,7 @@ def merge_in_place(model: nn.Module) -> list[str]:
     The layers stay `LoRALinear` and skip the adapter path while merged: faster inference without
     giving up the adapters. Refuses (before changing anything) if any base is 4-bit.
     """
-    layers = list(adapter_layers(model))
+    layers = list(adapter_modules(model))
     four_bit = [name for name, layer in layers if is_linear4bit(layer.base_layer)]
     if four_bit:
         raise TypeError(
@@ -114,7 +113,7 @@ def merge_in_place(model: nn.Module) -> list[str]:
 
 def unmerge_in_place(model: nn.Module) -> list[str]:
     """Take every merged adapter back out of its base weight (exact up to float rounding)."""
-    layers = list(adapter_layers(model))
+    layers = list(adapter_modules(model))
     for _, layer in layers:
         layer.unmerge()
     return [name for name, _ in layers]

@@ -24,10 +24,10 @@ from torch import nn
 from lightning_qlora._atomic import atomic_directory, recover
 from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._names import describe_names, logical_name
-from lightning_qlora.lora.adapter import AdapterModule, is_adapter
+from lightning_qlora.lora.adapter import AdapterModule, adapter_modules, is_adapter
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.dora import DoRALinear, check_magnitudes, load_magnitude, split_magnitudes
-from lightning_qlora.lora.inject import adapter_layers, inject_adapters
+from lightning_qlora.lora.inject import inject_adapters
 from lightning_qlora.lora.peft_checks import check_adapter_tensors, check_scaling, parse_adapter_config
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
@@ -65,7 +65,7 @@ def save_peft_adapter(
     layers whose rank or alpha differ from the most common one go into `rank_pattern` / `alpha_pattern`
     under their full path, which PEFT's suffix match resolves to exactly that layer.
     """
-    layers = [(logical_name(name), layer) for name, layer in adapter_layers(model)]
+    layers = [(logical_name(name), layer) for name, layer in adapter_modules(model)]
     saved_modules = _modules_to_save(model, config)
     if not layers and not saved_modules:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters and no modules_to_save to export.")
@@ -287,7 +287,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
 
     plan = _adapter_plan(peft_config, lora, folder)  # module -> (r, alpha)
     check_scaling(plan, lora, bool(peft_config.get("use_rslora", False)), folder)
-    existing = {logical_name(name): layer for name, layer in adapter_layers(model)}
+    existing = {logical_name(name): layer for name, layer in adapter_modules(model)}
     if existing:
         _check_existing(existing, lora, strict, folder)
         other_kind = sorted(name for name in lora if isinstance(existing[name], DoRALinear) != use_dora)
@@ -311,7 +311,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
                 f"{folder} has LoRA weights for {not_injected[:4]} but those layers could not be adapted "
                 "(not nn.Linear layers, or inside a modules_to_save module)."
             )
-        existing = {logical_name(name): layer for name, layer in adapter_layers(model)}
+        existing = {logical_name(name): layer for name, layer in adapter_modules(model)}
         # New modules start in training mode: follow the layer each wraps (in eval, no adapter dropout).
         for name in injected:
             new_layer = existing[logical_name(name)]

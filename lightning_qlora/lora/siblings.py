@@ -15,14 +15,12 @@ the result is always right; only the saving is lost.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from lightning_qlora.lora.layer import LoRALinear
+from torch import nn
 
 # Children of one module that, in the architectures this package knows, read the same input tensor.
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
@@ -32,16 +30,27 @@ SIBLING_NAMES: tuple[frozenset[str], ...] = (
 )
 
 
+class SiblingMember(Protocol):
+    """What a group needs of each adapter (`LoRALinear` is one); the layer imports this module, not the
+    other way round."""
+
+    in_features: int
+    r: int
+    lora_A: nn.Parameter  # noqa: N815 (PEFT's name)
+    lora_dropout: nn.Module
+    siblings: SiblingGroup | None
+
+
 class SiblingGroup:
     """The shared step of a group of adapters; held (not registered) by each member."""
 
-    def __init__(self, members: Sequence[LoRALinear]) -> None:
+    def __init__(self, members: Sequence[SiblingMember]) -> None:
         self.members = list(members)
         self._input: torch.Tensor | None = None
         self._version = -1
         self._slices: dict[int, torch.Tensor] = {}
 
-    def down(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    def down(self, member: SiblingMember, x: torch.Tensor) -> torch.Tensor:
         """`member`'s ``dropout(x) @ A^T``, computed once for the whole group per input."""
         if self._input is not x or self._version != x._version or id(member) not in self._slices:
             self._compute(x)
@@ -60,10 +69,10 @@ class SiblingGroup:
         self._input, self._version = x, x._version
 
 
-def group_siblings(layers: dict[str, LoRALinear]) -> list[SiblingGroup]:
+def group_siblings(layers: Mapping[str, SiblingMember]) -> list[SiblingGroup]:
     """Give each set of sibling adapters (same parent, names in one of `SIBLING_NAMES`, same input size,
     dropout and dtype) a shared `SiblingGroup`; layers without siblings are left alone."""
-    by_parent: dict[tuple[str, frozenset[str]], list[LoRALinear]] = {}
+    by_parent: dict[tuple[str, frozenset[str]], list[SiblingMember]] = {}
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         for names in SIBLING_NAMES:
@@ -87,5 +96,5 @@ def group_siblings(layers: dict[str, LoRALinear]) -> list[SiblingGroup]:
     return groups
 
 
-def _dropout_p(layer: LoRALinear) -> float:
+def _dropout_p(layer: SiblingMember) -> float:
     return float(getattr(layer.lora_dropout, "p", 0.0))

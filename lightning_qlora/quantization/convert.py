@@ -12,6 +12,7 @@ from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
 from lightning_qlora._names import describe_names, logical_name, matches_any, unmatched_patterns
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
+from lightning_qlora.quantization.cpu_caching_allocator import release_cached
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
     is_linear4bit,
@@ -107,6 +108,7 @@ def replace_linear_layers(
         set_submodule(model, name, layer)
         if quantize_now:
             quantize_layer(layer, device)
+            release_cached()
             release_freed_memory()
         converted.append(name)
     return converted

@@ -21,9 +21,6 @@ from lightning_qlora.quantization.backends import (
 )
 from lightning_qlora.quantization.config import QuantizationConfig
 
-# Any backend's 4-bit layer: every backend's layer type subclasses `nn.Linear`.
-Linear4bit = nn.Linear
-
 # Recorded on each converted layer for reports: the dtype its weight had before quantization.
 SOURCE_DTYPE_ATTR = "_qlora_source_dtype"
 # A module carrying this attribute (set to True) is never quantized: LoRA's `modules_to_save` uses it.
@@ -66,7 +63,7 @@ def _linear(layer: nn.Module) -> nn.Linear:
 
 def to_linear4bit(
     linear: nn.Linear, config: QuantizationConfig, compute_dtype: torch.dtype | None
-) -> Linear4bit:
+) -> nn.Linear:
     """A 4-bit layer of `config.backend` that takes over `linear`'s weight tensor without copying it.
 
     The weight is quantized later, by `quantize_layer` or by the backend when the layer is moved to its

@@ -20,13 +20,14 @@ from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
 from lightning_qlora._names import BASE_LAYER, describe_names
 from lightning_qlora._settings import check_bool
-from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
 from lightning_qlora.quantization.convert import (
     quantization_targets,
     require_linear_layers,
     set_compute_dtype,
 )
 from lightning_qlora.quantization.cpu_allocator import limit_heap_growth
+from lightning_qlora.quantization.cpu_caching_allocator import release_cached
 from lightning_qlora.quantization.layers import (
     is_quantized,
     quantize_layer,
@@ -47,7 +48,7 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     strict: bool = True,
     key_map: Callable[[str], str | None] | None = None,
-    limit_cpu_heap: bool = True,
+    limit_cpu_heap: bool = PrecisionPluginSettings.limit_cpu_heap,
 ) -> list[str]:
     """Fill `model` from `source`, quantizing the selected linear weights layer by layer on `device`.
 
@@ -57,8 +58,7 @@ def load_quantized(
 
     `limit_cpu_heap` (on a CPU device) sets `QLoRAPrecision`'s heap limit before the first tensor is read:
     loading's megabyte-size temporaries then go back to the OS instead of leaving the heap full of free
-    blocks that training's activations refill. Measured on a 0.5B Llama: without it the heap kept 0-1.9
-    GiB of free blocks after loading, by chance, and training's anonymous peak varied from 1.5 to 2.4 GiB.
+    blocks that training's activations refill, leaving training's peak to chance (benchmarks/README.md).
     """
     limit_cpu_heap = check_bool("load_quantized", "limit_cpu_heap", limit_cpu_heap)
     config = config or QuantizationConfig()
@@ -87,6 +87,7 @@ def load_quantized(
         new = _assign(model, target, tensor, device, dtype, shells)
         loaded.add(target)
         if target.rpartition(".")[0] in shells:
+            release_cached()
             release_freed_memory()
         for alias in aliases.get(target, ()):  # tied weights (an LM head sharing the embedding) stay tied
             if alias in loaded or alias not in expected:

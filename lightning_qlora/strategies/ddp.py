@@ -20,7 +20,9 @@ from typing_extensions import override
 
 from lightning_qlora._settings import check_bool
 from lightning_qlora.strategies.hook import ActivationCheckpointing, _PagedOptimizerMixin
-from lightning_qlora.strategies.optim import OPTIMIZER_FIELDS, OptimizerConfig
+from lightning_qlora.strategies.optim import OPTIMIZER_FIELDS, OptimizerConfig, StrategySettings
+
+_DEFAULTS = StrategySettings()
 
 
 class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
@@ -52,8 +54,8 @@ class QLoRADDPStrategy(_PagedOptimizerMixin, DDPStrategy):
     def __init__(
         self,
         optimizer: OptimizerConfig | dict[str, Any] | None = None,
-        force_optimizer: bool = False,
-        max_grad_norm: float | None = 0.3,
+        force_optimizer: bool = _DEFAULTS.force_optimizer,
+        max_grad_norm: float | None = _DEFAULTS.max_grad_norm,
         activation_checkpointing: ActivationCheckpointing = None,
         find_unused_parameters: bool = False,
         broadcast_buffers: bool = False,

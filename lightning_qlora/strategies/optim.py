@@ -11,15 +11,11 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_qlora.optimizer_config import (  # noqa: F401 (the strategies' names for them)
-    _BNB_IGNORED,
-    _FIELD_ARGUMENTS,
     OPTIMIZER_FIELDS,
     OPTIMIZERS,
     SCHEDULERS,
     OptimizerConfig,
-    _check_finite,
-    _is_number,
-    _optimizer_classes,
+    StrategySettings,
 )
 
 

@@ -14,7 +14,9 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_qlora.strategies.hook import ActivationCheckpointing, _PagedOptimizerMixin
-from lightning_qlora.strategies.optim import OptimizerConfig
+from lightning_qlora.strategies.optim import OptimizerConfig, StrategySettings
+
+_DEFAULTS = StrategySettings()
 
 
 class QLoRAStrategy(_PagedOptimizerMixin, SingleDeviceStrategy):
@@ -45,8 +47,8 @@ class QLoRAStrategy(_PagedOptimizerMixin, SingleDeviceStrategy):
     def __init__(
         self,
         optimizer: OptimizerConfig | dict[str, Any] | None = None,
-        force_optimizer: bool = False,
-        max_grad_norm: float | None = 0.3,
+        force_optimizer: bool = _DEFAULTS.force_optimizer,
+        max_grad_norm: float | None = _DEFAULTS.max_grad_norm,
         activation_checkpointing: ActivationCheckpointing = None,
         device: _DEVICE | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,

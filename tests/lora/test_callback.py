@@ -13,7 +13,7 @@ from tiny_models import TinyClassifier, TinyNet, toy_loader
 from torch import nn
 
 from lightning_qlora import LoRA, QLoRAPrecision
-from lightning_qlora.lora import LoRALinear, adapter_layers
+from lightning_qlora.lora import LoRALinear, adapter_modules
 from lightning_qlora.lora.inject import PatternMatchError
 from lightning_qlora.quantization import NoLinearLayersError, is_linear4bit, is_quantized
 
@@ -61,7 +61,7 @@ def test_adapters_everywhere_but_the_head_and_only_they_train(
     )
     trainer.fit(module, toy_loader())
 
-    adapted = dict(adapter_layers(module))
+    adapted = dict(adapter_modules(module))
     assert set(adapted) == {"model.net.0", "model.net.2"}
     for layer in adapted.values():
         assert is_quantized(layer.base_layer) == quantized
@@ -80,7 +80,7 @@ def test_output_right_after_injection_is_the_base_output() -> None:
     LoRA(r=8, dropout=0.1).inject(module)
     module.eval()
     torch.testing.assert_close(module(x), before, rtol=0, atol=0)
-    for _, layer in adapter_layers(module):
+    for _, layer in adapter_modules(module):
         assert torch.count_nonzero(layer.lora_B) == 0
         assert layer.lora_A.abs().sum() > 0
         bound = 1 / layer.in_features**0.5  # kaiming_uniform(a=sqrt(5)), as nn.Linear and the LoRA paper
@@ -96,16 +96,16 @@ def test_adapters_are_never_quantized_whichever_runs_first() -> None:
     LoRA(r=4).inject(plugin_first)
     for module in (callback_first, plugin_first):
         module.to("cpu")
-        for _, layer in adapter_layers(module):
+        for _, layer in adapter_modules(module):
             assert is_linear4bit(layer.base_layer)
             assert isinstance(layer.lora_A, nn.Parameter) and layer.lora_A.dtype == torch.float32
-        assert not any(is_linear4bit(m) for _, a in adapter_layers(module) for m in (a.lora_dropout,))
+        assert not any(is_linear4bit(m) for _, a in adapter_modules(module) for m in (a.lora_dropout,))
 
 
 def test_adapter_dtype_option() -> None:
     module = TinyClassifier()
     LoRA(r=4, adapter_dtype="bfloat16").inject(module)
-    assert all(layer.lora_A.dtype == torch.bfloat16 for _, layer in adapter_layers(module))
+    assert all(layer.lora_A.dtype == torch.bfloat16 for _, layer in adapter_modules(module))
     out = module(torch.randn(2, 32))
     assert out.dtype == torch.float32
 
@@ -129,23 +129,23 @@ def test_modules_to_save_stay_full_precision_and_trainable(tmp_path: Path) -> No
 def test_include_exclude_and_per_pattern_overrides() -> None:
     module = TinyClassifier()
     LoRA(r=8, alpha=16, rank_pattern={"net.2": 2}, alpha_pattern={"net.2": 4}).inject(module)
-    layers = dict(adapter_layers(module))
+    layers = dict(adapter_modules(module))
     assert layers["model.net.0"].r == 8 and layers["model.net.0"].scaling == pytest.approx(2.0)
     assert layers["model.net.2"].r == 2 and layers["model.net.2"].scaling == pytest.approx(2.0)
 
     only = TinyClassifier()
     LoRA(target_modules=["net.0"]).inject(only)
-    assert set(dict(adapter_layers(only))) == {"model.net.0"}
+    assert set(dict(adapter_modules(only))) == {"model.net.0"}
 
     everything = TinyClassifier()
     LoRA(exclude=[], r=4).inject(everything)
-    assert "model.lm_head" in dict(adapter_layers(everything))
+    assert "model.lm_head" in dict(adapter_modules(everything))
 
 
 def test_rslora_scaling() -> None:
     module = TinyClassifier()
     LoRA(r=16, alpha=8, use_rslora=True).inject(module)
-    assert all(layer.scaling == pytest.approx(8 / 4) for _, layer in adapter_layers(module))
+    assert all(layer.scaling == pytest.approx(8 / 4) for _, layer in adapter_modules(module))
 
 
 def test_summary_table_logged_at_setup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

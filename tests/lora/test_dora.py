@@ -17,11 +17,11 @@ from lightning_qlora import LoRA, QLoRAPrecision
 from lightning_qlora.lora import (
     AdapterMismatchError,
     LoRAConfig,
-    adapter_layers,
+    adapter_modules,
     inject_adapters,
     load_peft_adapter,
     save_peft_adapter,
-    set_trainable,
+    set_trainable_params,
 )
 from lightning_qlora.lora.dora import MAGNITUDE, DoRALinear
 from lightning_qlora.lora.merge import merge_adapters, merge_in_place, unmerge_in_place
@@ -35,7 +35,7 @@ def _adapted(base: nn.Module, four_bit: bool, config: LoRAConfig = DORA) -> nn.M
     """DoRA injected, then the base quantized (Lightning's order), then A, B and m moved off their start."""
     model = copy.deepcopy(base)
     inject_adapters(model, config)
-    set_trainable(model)
+    set_trainable_params(model)
     if four_bit:
         replace_linear_layers(model, QuantizationConfig(), compute_dtype=torch.float32)
     _perturb(model)
@@ -45,7 +45,7 @@ def _adapted(base: nn.Module, four_bit: bool, config: LoRAConfig = DORA) -> nn.M
 def _perturb(model: nn.Module, seed: int = 3) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in adapter_layers(model):
+        for _, layer in adapter_modules(model):
             assert isinstance(layer, DoRALinear)
             layer.materialize()
             layer.lora_B.copy_(0.05 * torch.randn(layer.lora_B.shape, generator=g))
@@ -57,7 +57,7 @@ def _dequantized_copy(base: nn.Module, adapted: nn.Module) -> nn.Module:
     """`base` with every weight that is 4-bit in `adapted` replaced by its dequantized values (float32)."""
     plain = copy.deepcopy(base)
     with torch.no_grad():
-        for name, layer in adapter_layers(adapted):
+        for name, layer in adapter_modules(adapted):
             plain.get_submodule(name).weight.copy_(dequantize_weight(layer.base_layer, torch.float32))
     return plain
 
@@ -85,7 +85,7 @@ def test_magnitude_trains_and_the_norm_is_a_constant(base: nn.Module, input_ids:
     names = {n.rpartition(".")[2] for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"lora_A", "lora_B", MAGNITUDE}
     model(input_ids).logits.square().mean().backward()
-    layer = next(layer for _, layer in adapter_layers(model))
+    layer = next(layer for _, layer in adapter_modules(model))
     assert isinstance(layer, DoRALinear)
     assert layer.lora_magnitude_vector.grad is not None and layer.lora_magnitude_vector.grad.abs().sum() > 0
     # With the norm detached, d out / d m = W' x / n: the magnitude's gradient is that of a plain
@@ -117,7 +117,7 @@ def test_export_loads_in_peft_with_use_dora_and_gives_the_same_outputs(
     from safetensors.torch import load_file
 
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert sum(key.endswith(f".{MAGNITUDE}") for key in keys) == len(list(adapter_layers(model))) == 14
+    assert sum(key.endswith(f".{MAGNITUDE}") for key in keys) == len(list(adapter_modules(model))) == 14
 
     plain = _dequantized_copy(base, model) if four_bit else copy.deepcopy(base)
     peft_model = PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()
@@ -156,7 +156,7 @@ def test_peft_dora_folder_loads_here_and_gives_the_same_outputs(
     if four_bit:
         replace_linear_layers(model, QuantizationConfig(), compute_dtype=torch.float32)
     loaded = load_peft_adapter(model, tmp_path / "peft")
-    assert len(loaded) == 14 and all(isinstance(layer, DoRALinear) for _, layer in adapter_layers(model))
+    assert len(loaded) == 14 and all(isinstance(layer, DoRALinear) for _, layer in adapter_modules(model))
     got = _logits(model.eval(), input_ids)
     if four_bit:  # PEFT over the weights our 4-bit layers compute with
         from peft import PeftModel
@@ -188,7 +188,7 @@ def test_dora_files_that_do_not_fit_are_refused(tmp_path: Path, base: nn.Module)
     model = copy.deepcopy(base)
     with pytest.raises(InvalidAdapterError, match="sets use_dora, but without a magnitude"):
         load_peft_adapter(model, tmp_path / "peft")
-    assert not list(adapter_layers(model))  # refused before anything changed
+    assert not list(adapter_modules(model))  # refused before anything changed
 
     save_file(weights, str(weights_path))
     plain = copy.deepcopy(base)
@@ -203,7 +203,7 @@ def test_merge_gives_the_adapted_model(base: nn.Module, input_ids: torch.Tensor,
     model = _adapted(base, four_bit)
     expected = _logits(model, input_ids)
     merged = merge_adapters(copy.deepcopy(model))
-    assert not list(adapter_layers(merged))
+    assert not list(adapter_modules(merged))
     assert all(type(m) is nn.Linear for m in merged.modules() if isinstance(m, nn.Linear))
     assert (_logits(merged, input_ids) - expected).abs().max().item() < 1e-5
 

@@ -15,7 +15,7 @@ from torch import nn
 from lightning_qlora import LoRA, QLoRAPrecision
 from lightning_qlora.lora import (
     LoRAConfig,
-    adapter_layers,
+    adapter_modules,
     inject_adapters,
     load_peft_adapter,
     merge_adapters,
@@ -83,7 +83,7 @@ def test_loftq_needs_a_format_and_full_precision_weights() -> None:
     model = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(ValueError, match="needs the quantization format: train with QLoRAPrecision"):
         inject_adapters(model, LoRAConfig(r=4, init="loftq"))
-    assert isinstance(model[0], nn.Linear) and not list(adapter_layers(model))  # refused before any work
+    assert isinstance(model[0], nn.Linear) and not list(adapter_modules(model))  # refused before any work
     replace_linear_layers(model, NF4)
     with pytest.raises(ValueError, match=r"already 4-bit: '0'.*not with load_quantized"):
         inject_adapters(model, LoRAConfig(r=4, init="loftq"), quantization=NF4)
@@ -135,7 +135,7 @@ def test_loftq_reduces_the_output_error_of_minilm() -> None:
         model = copy.deepcopy(full)
         inject_adapters(model, LoRAConfig(r=16, dropout=0.0, init=init, loftq_iter=rounds), quantization=NF4)
         replace_linear_layers(model, NF4, compute_dtype=torch.float32)
-        assert all(is_quantized(layer.base_layer) for _, layer in adapter_layers(model))
+        assert all(is_quantized(layer.base_layer) for _, layer in adapter_modules(model))
         with torch.no_grad():
             out = model.eval()(**batch).last_hidden_state
         return ((out - reference).norm() / reference.norm()).item()
@@ -216,7 +216,7 @@ def test_loftq_export_with_its_base_loads_in_peft_and_merges_to_the_same_model(
     inject_adapters(model, config, quantization=NF4)
     replace_linear_layers(model, NF4, compute_dtype=torch.float32)  # what QLoRAPrecision does next
     with torch.no_grad():  # stands for training
-        for _, layer in adapter_layers(model):
+        for _, layer in adapter_modules(model):
             layer.adapter_params()["lora_B"].add_(0.01)
     model.eval()
     with torch.no_grad():

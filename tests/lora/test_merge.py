@@ -17,7 +17,7 @@ from lightning_qlora import merge_adapters, save_merged
 from lightning_qlora.lora import (
     LoRAConfig,
     LoRALinear,
-    adapter_layers,
+    adapter_modules,
     inject_adapters,
     merge_in_place,
     merged_state_dict,
@@ -43,7 +43,7 @@ def adapted(base: nn.Module, quantize: bool = False, config: LoRAConfig = CONFIG
     inject_adapters(model, config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for _, layer in adapter_layers(model):
+        for _, layer in adapter_modules(model):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
     return model.eval()
 
@@ -114,18 +114,18 @@ def test_merge_a_bare_4bit_layer_and_a_root_adapter() -> None:
 def test_merge_in_place_and_unmerge_restore_the_weights(base: nn.Module, input_ids: torch.Tensor) -> None:
     model = adapted(base)
     expected = logits(model, input_ids)
-    before = {name: layer.base_layer.weight.detach().clone() for name, layer in adapter_layers(model)}
+    before = {name: layer.base_layer.weight.detach().clone() for name, layer in adapter_modules(model)}
 
     merged = merge_in_place(model)
     assert len(merged) == 14
-    layers = dict(adapter_layers(model))
+    layers = dict(adapter_modules(model))
     assert all(layer.merged for layer in layers.values())
     q_proj = "model.layers.0.self_attn.q_proj"
     assert not torch.equal(layers[q_proj].base_layer.weight, before[q_proj])
     torch.testing.assert_close(logits(model, input_ids), expected, rtol=1e-5, atol=1e-5)
 
     unmerge_in_place(model)
-    for name, layer in adapter_layers(model):
+    for name, layer in adapter_modules(model):
         assert not layer.merged
         # W + d - d in fp32: equal to W up to one rounding of |d| + |W| (~1e-7 relative).
         torch.testing.assert_close(layer.base_layer.weight, before[name], rtol=0, atol=1e-6)
@@ -136,7 +136,7 @@ def test_merge_in_place_refuses_4bit_before_changing_anything(base: nn.Module) -
     model = adapted(base, quantize=True)
     with pytest.raises(TypeError, match="merge_adapters"):
         merge_in_place(model)
-    assert not any(layer.merged for _, layer in adapter_layers(model))
+    assert not any(layer.merged for _, layer in adapter_modules(model))
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32-base", "nf4-base"])
@@ -155,7 +155,7 @@ def test_save_merged_loads_with_from_pretrained(
     assert_plain(reloaded)
     torch.testing.assert_close(logits(reloaded, input_ids), expected, rtol=1e-5, atol=1e-5)
     # The adapted model was not touched.
-    assert len(list(adapter_layers(model))) == 14
+    assert len(list(adapter_modules(model))) == 14
     torch.testing.assert_close(logits(model, input_ids), expected, rtol=0, atol=0)
 
 

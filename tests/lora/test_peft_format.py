@@ -23,11 +23,11 @@ from lightning_qlora import _atomic, load_peft_adapter, save_peft_adapter
 from lightning_qlora.lora import (
     AdapterMismatchError,
     LoRAConfig,
-    adapter_layers,
+    adapter_modules,
     inject_adapters,
     peft_format,
+    set_trainable_params,
 )
-from lightning_qlora.lora.inject import set_trainable
 from lightning_qlora.quantization import (
     QuantizationConfig,
     is_linear4bit,
@@ -42,7 +42,7 @@ def randomize_b(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
     """B starts at zero (the adapter is a no-op); give it values so the adapted outputs differ."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in adapter_layers(model):
+        for _, layer in adapter_modules(model):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
 
 
@@ -128,7 +128,7 @@ def test_modules_to_save_head_is_exported_whole(input_ids: torch.Tensor, tmp_pat
     classifier = tiny_llama(LlamaForSequenceClassification)
     config = LoRAConfig(r=4, alpha=8.0, modules_to_save=("score",))
     ours = adapted(classifier, config)
-    set_trainable(ours)
+    set_trainable_params(ours)
     assert ours.score.weight.requires_grad
     with torch.no_grad():  # what training the head would do
         ours.score.weight.add_(torch.randn_like(ours.score.weight) * 0.5)
@@ -162,14 +162,14 @@ def test_qlora_export_loads_on_the_full_precision_base(
     base = tiny_llama(**SIZES[sizes])
     config = LoRAConfig(r=4, alpha=8.0)
     ours = adapted(base, config, quantize=True)
-    assert any(is_linear4bit(layer.base_layer) for _, layer in adapter_layers(ours))
+    assert any(is_linear4bit(layer.base_layer) for _, layer in adapter_modules(ours))
     expected = logits(ours, input_ids)
     folder = save_peft_adapter(ours, tmp_path / "adapter", config)
 
     # Exact check of the adapters: PEFT on a base holding the NF4 weights as the format defines them
     # (decoded by the test's own reference, not by this package or bitsandbytes) computes what we do.
     dequantized = copy.deepcopy(base)
-    for name, layer in adapter_layers(ours):
+    for name, layer in adapter_modules(ours):
         weight = reference_weight(quantized_weight_state(layer.base_layer))
         with torch.no_grad():
             dequantized.get_submodule(name).weight.copy_(weight)
@@ -180,7 +180,7 @@ def test_qlora_export_loads_on_the_full_precision_base(
     # so the gap is bounded by (twice) the gap between the 4-bit and full-precision bases without adapters.
     theirs = logits(peft_load(base, folder), input_ids)
     without_adapters = copy.deepcopy(ours)
-    for _, layer in adapter_layers(without_adapters):
+    for _, layer in adapter_modules(without_adapters):
         layer.lora_B.data.zero_()
     nf4_error = (logits(without_adapters, input_ids) - logits(base, input_ids)).abs().max()
     adapter_effect = (expected - logits(without_adapters, input_ids)).abs().max()
@@ -285,7 +285,7 @@ def test_wrong_shapes_name_the_key_and_both_shapes(exported: Path) -> None:
     assert "mlp.down_proj" in message
     assert "(4, 128)" in message  # the file's lora_A
     assert "(4, 96)" in message  # what the layer needs
-    assert not list(adapter_layers(wider))  # checked before anything was injected
+    assert not list(adapter_modules(wider))  # checked before anything was injected
 
 
 def test_shape_mismatch_with_existing_adapters(base: nn.Module, exported: Path) -> None:

@@ -17,7 +17,7 @@ from tiny_models import logits
 from torch import nn
 
 from lightning_qlora import load_peft_adapter, save_peft_adapter
-from lightning_qlora.lora import LoRAConfig, adapter_layers, inject_adapters
+from lightning_qlora.lora import LoRAConfig, adapter_modules, inject_adapters
 from lightning_qlora.lora.peft_checks import InvalidAdapterError
 
 CONFIG = "adapter_config.json"
@@ -30,7 +30,7 @@ def good_folder(base: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Pa
     model = copy.deepcopy(base)
     inject_adapters(model, LoRAConfig(r=4, alpha=8.0, dropout=0.0))
     with torch.no_grad():
-        for _, layer in adapter_layers(model):
+        for _, layer in adapter_modules(model):
             layer.lora_B.normal_(std=0.1)
     return save_peft_adapter(model, tmp_path_factory.mktemp("good") / "adapter")
 

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 from lightning_qlora import save_peft_adapter
-from lightning_qlora.lora import LoRAConfig, adapter_layers, inject_adapters
+from lightning_qlora.lora import LoRAConfig, adapter_modules, inject_adapters
 from lightning_qlora.quantization import QuantizationConfig, dequantize_weight, replace_linear_layers
 from lightning_qlora.quantization.backends.bitsandbytes import Linear4bit, bitsandbytes_cpu_decode_is_wrong
 from lightning_qlora.quantization.layers import quantized_weight_state
@@ -92,14 +92,14 @@ def test_our_adapters_on_transformers_4bit_model(
     inject_adapters(ours, config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for _, adapter in adapter_layers(ours):
+        for _, adapter in adapter_modules(ours):
             adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * 0.1)
     expected = logits(ours, input_ids)
     adapter_dir = save_peft_adapter(ours, tmp_path / "adapter", config)
 
     # PEFT on the full-precision base holding the reference decode: exactly our model, on any CPU.
     decoded = copy.deepcopy(base)
-    for name, adapter in adapter_layers(ours):
+    for name, adapter in adapter_modules(ours):
         with torch.no_grad():
             decoded.get_submodule(name).weight.copy_(
                 reference_weight(quantized_weight_state(adapter.base_layer))

@@ -22,6 +22,7 @@ from lightning_qlora.quantization.backends import (
     register_backend,
     unregister_backend,
 )
+from lightning_qlora.quantization.compute_dtype import resolve_compute_dtype
 from lightning_qlora.quantization.layers import logical_numel, quantize_layer, to_linear4bit
 
 
@@ -111,3 +112,37 @@ def test_toy_backend_trains_through_qlora_precision_and_lora(toy: str) -> None:
     merged = merge_adapters(module.model)
     assert not any(is_linear4bit(m) for m in merged.modules())
     torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _Bf16Toy(toy_backend.ToyInt4Backend):
+    """The toy format on a CPU its backend calls bf16-native."""
+
+    name = "toy_int4_bf16"
+
+    def cpu_has_native_bf16(self) -> bool:
+        return True
+
+
+def test_auto_compute_dtype_asks_the_configured_backend() -> None:
+    native = _Bf16Toy()
+    register_backend(native.name, lambda: native)
+    try:
+        assert resolve_compute_dtype("auto", "cpu", native.name) == torch.bfloat16
+        bnb_native = get_backend("bitsandbytes").cpu_has_native_bf16()
+        assert resolve_compute_dtype("auto", "cpu") == (torch.bfloat16 if bnb_native else torch.float32)
+        assert resolve_compute_dtype("float32", "cpu", native.name) == torch.float32  # explicit wins
+        precision = QLoRAPrecision(backend=native.name, log_report=False)
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            plugins=[precision],
+            callbacks=[LoRA(r=4, alpha=8, dropout=0.0)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(TinyClassifier(), toy_loader())
+        assert precision.compute_dtype == torch.bfloat16
+    finally:
+        unregister_backend(native.name)

@@ -12,12 +12,9 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
+from lightning_qlora._native_build import NativeBuildError
 from lightning_qlora.quantization.backends import cpu_kernel
-from lightning_qlora.quantization.backends.cpu_kernel import (
-    KernelBuildError,
-    build_kernel,
-    dequantize_4bit_into,
-)
+from lightning_qlora.quantization.backends.cpu_kernel import build_kernel, dequantize_4bit_into
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -418,7 +415,7 @@ def test_cache_is_reused_and_a_broken_file_is_rebuilt(tmp_path: Path) -> None:
 
 
 def test_build_errors_name_the_compiler(tmp_path: Path) -> None:
-    with pytest.raises(KernelBuildError, match="nonexistent"):
+    with pytest.raises(NativeBuildError, match="nonexistent"):
         build_kernel(tmp_path, cc=str(tmp_path / "nonexistent-cc"))
 
 

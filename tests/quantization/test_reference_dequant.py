@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_qlora import load_quantized, save_merged
-from lightning_qlora.lora import LoRAConfig, adapter_layers, inject_adapters, loftq_init
+from lightning_qlora.lora import LoRAConfig, adapter_modules, inject_adapters, loftq_init
 from lightning_qlora.quantization import QuantizationConfig, replace_linear_layers
 from lightning_qlora.quantization.backends import bitsandbytes as bnb_backend
 from lightning_qlora.quantization.layers import (
@@ -231,7 +231,7 @@ def test_save_merged_writes_the_reference_weights(
     inject_adapters(model, LoRAConfig(r=4, alpha=8.0))
     g = torch.Generator().manual_seed(1)
     deltas = {}
-    for name, adapter in adapter_layers(model):
+    for name, adapter in adapter_modules(model):
         with torch.no_grad():
             adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * 0.1)
         deltas[name] = adapter.delta_weight()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.quantization.backends import QuantizationFormat
 from lightning_qlora.quantization.frozen_linear import frozen_linear
 
 NAME = "toy_int4"
@@ -39,8 +39,11 @@ class ToyInt4Linear(nn.Linear):
 class ToyInt4Backend:
     name = NAME
 
+    def cpu_has_native_bf16(self) -> bool:
+        return False  # its matmuls are torch's own: fp32 is the safe choice on any CPU
+
     def make_layer(
-        self, linear: nn.Linear, config: QuantizationConfig, compute_dtype: torch.dtype | None
+        self, linear: nn.Linear, config: QuantizationFormat, compute_dtype: torch.dtype | None
     ) -> nn.Linear:
         device = linear.weight.device
         layer = ToyInt4Linear(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,9 +20,12 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
+from omegaconf import OmegaConf
 from strategies.strategy_helpers import Block, TinyModule, dataloader, trainer
 
 from lightning_qlora import OptimizerConfig, QLoRADDPStrategy, QLoRAStrategy
+from lightning_qlora.cli.resolvers import register_resolvers
+from lightning_qlora.optimizer_config import StrategySettings
 from lightning_qlora.strategies.hook import _CPU_PAGING_WARNING
 from lightning_qlora.strategies.support import UnsupportedStrategyError, require_supported_strategy
 
@@ -39,6 +45,24 @@ def test_optimizer_settings_as_keywords() -> None:
     ddp = QLoRADDPStrategy(lr=1e-3, gradient_as_bucket_view=True)
     assert ddp.optimizer_config.lr == 1e-3
     assert ddp._ddp_kwargs["gradient_as_bucket_view"] is True
+
+
+def test_strategy_defaults_have_one_source() -> None:
+    """`StrategySettings` gives the strategies' defaults and the trainer configs' (which only interpolate)."""
+    defaults = StrategySettings()
+    for cls in (QLoRAStrategy, QLoRADDPStrategy):
+        parameters = inspect.signature(cls.__init__).parameters
+        for field in fields(StrategySettings):
+            assert parameters[field.name].default == getattr(defaults, field.name), (cls, field.name)
+    register_resolvers()
+    conf = Path(__file__).resolve().parents[2] / "conf" / "trainer"
+    checked = 0
+    for path in sorted(conf.glob("*.yaml")):
+        strategy = OmegaConf.load(path).get("strategy")
+        if OmegaConf.is_dict(strategy) and "max_grad_norm" in strategy:
+            assert strategy.max_grad_norm == defaults.max_grad_norm, path.name
+            checked += 1
+    assert checked >= 3  # cpu, gpu, ddp
 
 
 def test_unknown_keyword_names_the_allowed_ones() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lightning_qlora.quantization.backends.base import QuantizationBackend
+from lightning_qlora.quantization.backends.base import QuantizationBackend, QuantizationFormat
 
 if (
     TYPE_CHECKING
@@ -99,6 +99,7 @@ def backend_of_tensor(tensor: torch.Tensor) -> tuple[QuantizationBackend, torch.
 __all__ = [
     "DEFAULT_BACKEND",
     "QuantizationBackend",
+    "QuantizationFormat",
     "UnknownBackendError",
     "backend_names",
     "backend_of",

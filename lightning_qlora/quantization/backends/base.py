@@ -15,7 +15,19 @@ if TYPE_CHECKING:  # annotations only: the config (and the CLI's schema) import 
     import torch
     from torch import nn
 
-    from lightning_qlora.quantization.config import QuantizationConfig
+
+class QuantizationFormat(Protocol):
+    """What a backend reads of a `QuantizationConfig`. The config imports the registry to check its
+    backend name, so the backends name the fields they need instead of importing the config."""
+
+    @property
+    def quant_type(self) -> str: ...
+
+    @property
+    def blocksize(self) -> int: ...
+
+    @property
+    def double_quant(self) -> bool: ...
 
 
 class QuantizationBackend(Protocol):
@@ -24,7 +36,7 @@ class QuantizationBackend(Protocol):
     name: str
 
     def make_layer(
-        self, linear: nn.Linear, config: QuantizationConfig, compute_dtype: torch.dtype | None
+        self, linear: nn.Linear, config: QuantizationFormat, compute_dtype: torch.dtype | None
     ) -> nn.Linear:
         """A 4-bit layer taking over `linear`'s weight without copying it (quantized later, by `quantize`)."""
         ...
@@ -67,6 +79,11 @@ class QuantizationBackend(Protocol):
 
     def state_dict_tensors(self, layer: nn.Linear) -> dict[str, torch.Tensor]:
         """The tensors a packed weight is saved as, keyed relative to the layer (`weight`, `weight.*`)."""
+        ...
+
+    def cpu_has_native_bf16(self) -> bool:
+        """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), as the library that computes
+        sees it; `compute_dtype="auto"` picks bf16 on a CPU only then."""
         ...
 
     def load_from_state_dict(self, layer: nn.Linear, state_dict: Mapping[str, Any], prefix: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_qlora._bnb import bitsandbytes
-from lightning_qlora.quantization.config import QuantizationConfig
+from lightning_qlora.quantization.backends.base import QuantizationFormat
 from lightning_qlora.quantization.frozen_linear import WeightTiles, frozen_linear
 
 bitsandbytes()  # a missing install fails here with a message that names the fix
@@ -40,9 +40,8 @@ log = logging.getLogger(__name__)
 
 NAME = "bitsandbytes"
 # Bytes of dequantized weight per band of rows the CPU path dequantizes and multiplies at once, per
-# thread. Measured (fwd + input grad, 256 tokens, 0.5B and 7B Llama shapes, fp32 and bf16): bands of 1 MiB
-# lose 20-80% to the many small matmuls and single-threaded dequantization; 8 MiB per thread is within
-# a few percent of the best band at one and two threads, and beats the whole 7B weight by a third.
+# thread. Smaller bands lose time to many small matmuls and single-threaded dequantization, larger ones
+# gain nothing (measured: benchmarks/README.md).
 TILE_BYTES_PER_THREAD = 8 << 20
 
 
@@ -141,6 +140,7 @@ def _log_own_decode(in_features: int, blocksize: int) -> None:
     )
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPUs on which bf16 matmuls are fast."""
     try:
@@ -155,8 +155,11 @@ class BitsandbytesBackend:
 
     name = NAME
 
+    def cpu_has_native_bf16(self) -> bool:
+        return cpu_has_native_bf16()
+
     def make_layer(
-        self, linear: nn.Linear, config: QuantizationConfig, compute_dtype: torch.dtype | None
+        self, linear: nn.Linear, config: QuantizationFormat, compute_dtype: torch.dtype | None
     ) -> nn.Linear:
         weight = linear.weight
         layer = QLoRALinear4bit(

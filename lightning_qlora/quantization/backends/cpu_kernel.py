@@ -38,7 +38,6 @@ from lightning_qlora._native_build import cache_dir as default_cache_dir
 __all__ = [
     "COMPILER_ENV",
     "DISABLE_ENV",
-    "KernelBuildError",
     "dequantize_4bit_into",
     "kernel_available",
     "kernel_info",
@@ -54,9 +53,6 @@ BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-std=c11", "-ffp-contract=
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Below this many values one thread is faster than starting others.
 _VALUES_PER_THREAD = 1 << 18
-
-
-KernelBuildError = NativeBuildError  # the kernel could not be compiled, loaded or verified here
 
 
 @dataclass(frozen=True)
@@ -79,18 +75,18 @@ def _compiler() -> str | None:
 def _open(path: Path, flags: tuple[str, ...]) -> _Kernel:
     """Load a built library, declare its signature and check it on a small input against plain torch."""
     if not is_sealed(path):
-        raise KernelBuildError(f"{path.name} is incomplete or was not written by this module")
+        raise NativeBuildError(f"{path.name} is incomplete or was not written by this module")
     try:
         lib = ctypes.CDLL(str(path))
         version = lib.lq_abi_version
         simd = lib.lq_simd_level
         entry = lib.lq_dequantize_4bit
     except (OSError, AttributeError) as err:
-        raise KernelBuildError(f"cannot load {path.name}: {err}") from err
+        raise NativeBuildError(f"cannot load {path.name}: {err}") from err
     version.restype = ctypes.c_int
     version.argtypes = []
     if version() != ABI_VERSION:
-        raise KernelBuildError(f"{path.name} has ABI {version()}, expected {ABI_VERSION}")
+        raise NativeBuildError(f"{path.name} has ABI {version()}, expected {ABI_VERSION}")
     simd.restype = ctypes.c_int
     simd.argtypes = []
     entry.restype = ctypes.c_int
@@ -155,7 +151,7 @@ def _self_check(kernel: _Kernel) -> None:
         )
         expected = _reference(packed, code, scales, blocksize, n, dtype)
         if not torch.equal(_bits(out), _bits(expected)):
-            raise KernelBuildError(f"{kernel.path.name} failed its self-check for {dtype}")
+            raise NativeBuildError(f"{kernel.path.name} failed its self-check for {dtype}")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -165,7 +161,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def build_kernel(
     cache_dir: Path | None = None, cc: str | None = None, extra_flags: tuple[str, ...] = ()
 ) -> _Kernel:
-    """Build (or reuse from the cache) and load the kernel; raise KernelBuildError when that fails.
+    """Build (or reuse from the cache) and load the kernel; raise NativeBuildError when that fails.
 
     Not cached in memory: `kernel_available()` is the cached entry point. A cached library that fails to
     load or to pass the self-check (a truncated or foreign file) is rebuilt once.
@@ -173,7 +169,7 @@ def build_kernel(
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     cc = _compiler() if cc is None else cc
     if cc is None:
-        raise KernelBuildError("no C compiler found (set LIGHTNING_QLORA_CC or CC, or install gcc)")
+        raise NativeBuildError("no C compiler found (set LIGHTNING_QLORA_CC or CC, or install gcc)")
     attempts: list[tuple[str, ...]] = []
     if not any(flag.startswith(("-march=", "-mcpu=")) for flag in extra_flags):
         attempts.append((*BASE_FLAGS, "-march=native", *extra_flags))
@@ -185,13 +181,13 @@ def build_kernel(
             if path.exists():
                 try:
                     return _open(path, flags)
-                except KernelBuildError as err:
+                except NativeBuildError as err:
                     log.debug("lightning-qlora: rebuilding the cached kernel %s (%s)", path.name, err)
             compile_library(cc, flags, SOURCE, path)
             return _open(path, flags)
-        except (KernelBuildError, OSError) as err:
+        except (NativeBuildError, OSError) as err:
             errors.append(str(err))
-    raise KernelBuildError("; ".join(errors))
+    raise NativeBuildError("; ".join(errors))
 
 
 def _kernel() -> _Kernel | None:
@@ -214,7 +210,7 @@ def _try_load() -> _Kernel | None:
         return None
     try:
         return build_kernel()
-    except (KernelBuildError, OSError) as err:
+    except (NativeBuildError, OSError) as err:
         log.warning(
             "lightning-qlora: native CPU dequantization kernel unavailable (%s); using bitsandbytes'.", err
         )
