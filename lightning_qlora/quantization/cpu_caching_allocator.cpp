@@ -8,14 +8,22 @@
 // least recently freed evicted first, and hands them back by size class; everything else is returned to
 // the operating system at once. Requests below `min_bytes` go to the allocator that was installed before.
 //
-// Installed with c10::SetCPUAllocator, so every CPU tensor torch allocates from then on comes through
-// here; tensors allocated before keep their own deleters. Built and loaded by cpu_caching_allocator.py.
+// A guest: installed with c10::SetCPUAllocator for the duration of a fit (or a load), then the allocator
+// that was there before is put back. Tensors keep the deleter of the allocator that made them, so blocks
+// handed out here are still freed here after the restore (this library is never unloaded and its
+// bookkeeping never freed): they are unmapped then, not cached. Storages made during the stay still name
+// this allocator when they grow; once uninstalled it forwards every request to the previous one.
+// raw_allocate/raw_deallocate (ideep's engine memory) look the allocator up at each call: a block raw-
+// allocated here and raw-freed after the restore would reach the previous allocator's free(); ideep frees
+// its scratch memory within the op, so nothing is outstanding at teardown unless a program keeps an
+// opaque mkldnn tensor made during training beyond it. Built and loaded by cpu_caching_allocator.py.
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <pthread.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <list>
@@ -47,7 +55,8 @@ struct Cache {
   std::uint64_t hits = 0;
   std::uint64_t misses = 0;
   std::uint64_t evictions = 0;
-  c10::Allocator* previous = nullptr;
+  std::atomic<c10::Allocator*> previous{nullptr};  // the allocator installed before this one
+  std::atomic<bool> active{false};  // installed: serve and cache; else forward and unmap
 };
 
 Cache* cache = nullptr;  // never freed: tensors may outlive every other object
@@ -101,14 +110,15 @@ void release(void* ptr) {
   auto found = cache->live.find(ptr);
   if (found == cache->live.end()) {  // a small block handed back through raw_deallocate
     lock.unlock();
-    cache->previous->raw_deleter()(ptr);
+    cache->previous.load()->raw_deleter()(ptr);
     return;
   }
   std::size_t size = found->second;
   cache->live.erase(found);
   cache->live_bytes -= size;
   std::size_t live = cache->live_bytes;
-  bool keep = 2 * size <= cache->cap_bytes;  // a larger block would flush the whole cache
+  // A larger block would flush the whole cache; after the restore nothing would reuse a cached one.
+  bool keep = 2 * size <= cache->cap_bytes && cache->active.load();
   if (keep) {
     while (cache->cached_bytes + size > cache->cap_bytes) evict_oldest_locked(&evicted);
     try {  // a deleter must not throw: if bookkeeping cannot grow, the block goes back to the OS
@@ -150,7 +160,8 @@ void* map(std::size_t size) {
 struct CachingCPUAllocator final : c10::Allocator {
   c10::DataPtr allocate(std::size_t n) override {
     // Small requests, and sizes no machine has, go to the allocator installed before (torch's message).
-    if (n < cache->min_bytes || n > kLargest) return cache->previous->allocate(n);
+    c10::Allocator* previous = cache->previous.load();
+    if (!cache->active.load() || n < cache->min_bytes || n > kLargest) return previous->allocate(n);
     std::size_t size = size_class(n);
     void* ptr = nullptr;
     std::size_t live = 0;
@@ -167,7 +178,7 @@ struct CachingCPUAllocator final : c10::Allocator {
         if (ptr == nullptr) {  // the cached blocks may be what is missing; then glibc's own rules
           release_all_cached();
           ptr = map(size);
-          if (ptr == nullptr) return cache->previous->allocate(n);  // e.g. at vm.max_map_count
+          if (ptr == nullptr) return previous->allocate(n);  // e.g. at vm.max_map_count
         }
         lock.lock();
       }
@@ -191,7 +202,7 @@ struct CachingCPUAllocator final : c10::Allocator {
   // carry that allocator's own deleter, so compare_exchange_deleter against ours fails for them (only
   // CUDA code does that).
   c10::DeleterFnPtr raw_deleter() const override {
-    return cache->previous->raw_deleter() != nullptr ? &release : nullptr;
+    return cache->previous.load()->raw_deleter() != nullptr ? &release : nullptr;
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -215,24 +226,48 @@ void after_fork() { cache->mutex.unlock(); }
 
 extern "C" {
 
-int lq_alloc_abi_version() { return 1; }
+int lq_alloc_abi_version() { return 2; }
 
 // Route CPU allocations of `min_bytes` and more through the cache, keeping up to `cap_bytes` of freed
-// blocks. Returns 1 when torch now allocates through it (later calls only return that), 0 when torch
-// kept an allocator of higher priority, -1 for invalid sizes.
+// blocks (the first call's sizes stay). Returns 1 when torch now allocates through it, 0 when torch kept
+// an allocator of higher priority, -1 for invalid sizes. Priority 0, torch's default, so that
+// lq_alloc_uninstall can put the previous allocator back exactly as it was.
 int lq_alloc_install(long long min_bytes, long long cap_bytes) {
   if (cache == nullptr) {
     if (min_bytes < 1 || cap_bytes < 0) return -1;
     cache = new Cache();
     cache->min_bytes = static_cast<std::size_t>(min_bytes);
     cache->cap_bytes = static_cast<std::size_t>(cap_bytes);
-    cache->previous = c10::GetCPUAllocator();
     allocator = new CachingCPUAllocator();
     pthread_atfork(before_fork, after_fork, after_fork);
-    c10::SetCPUAllocator(allocator, /*priority=*/1);
   }
-  return c10::GetCPUAllocator() == allocator ? 1 : 0;
+  c10::Allocator* current = c10::GetCPUAllocator();
+  if (current != allocator) {
+    cache->previous.store(current);  // before torch can route a request here
+    c10::SetCPUAllocator(allocator, /*priority=*/0);
+  }
+  bool now = c10::GetCPUAllocator() == allocator;
+  cache->active.store(now);
+  return now ? 1 : 0;
 }
+
+// Put back the allocator that was installed before (if this one is still the current one), unmap the
+// cached blocks and forward every later request to the previous allocator. Returns 1 if it was put back,
+// 0 if another allocator had replaced this one meanwhile (that one stays).
+int lq_alloc_uninstall() {
+  if (cache == nullptr) return 0;
+  int restored = 0;
+  if (c10::GetCPUAllocator() == allocator) {
+    c10::SetCPUAllocator(cache->previous.load(), /*priority=*/0);
+    restored = 1;
+  }
+  cache->active.store(false);
+  CachingCPUAllocator::release_all_cached();
+  return restored;
+}
+
+// Whether torch's CPU allocator is this one right now.
+int lq_alloc_current() { return allocator != nullptr && c10::GetCPUAllocator() == allocator ? 1 : 0; }
 
 // Return every cached block to the operating system (what malloc_trim is to glibc's heap).
 void lq_alloc_release_cached() {
