@@ -154,9 +154,7 @@ def check_private_dir(path: Path, final: bool = True) -> Path:
         if not stat.S_ISDIR(info.st_mode):  # a symbolic link swapped in after realpath
             raise UnsafeCacheError(f"{folder} is not a folder")
         if info.st_uid not in (euid, 0):
-            raise UnsafeCacheError(
-                f"{folder} belongs to uid {info.st_uid}, not to you (uid {euid}) or root"
-            )
+            raise UnsafeCacheError(f"{folder} belongs to uid {info.st_uid}, not to you (uid {euid}) or root")
         if info.st_mode & 0o022:
             last = depth == len(parts) and final
             shared = info.st_uid == 0 and info.st_mode & stat.S_ISVTX
@@ -335,9 +333,7 @@ def load_library(path: Path) -> ctypes.CDLL:
 @contextlib.contextmanager
 def build_lock(directory: Path, name: str) -> Iterator[None]:
     """Hold an exclusive lock on `name` in the checked `directory` (processes building one library wait)."""
-    fd = os.open(
-        directory / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
+    fd = os.open(directory / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
