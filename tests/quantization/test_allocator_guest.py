@@ -31,9 +31,8 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 def run(cache: str, code: str, env: dict[str, str] | None = None) -> tuple[dict[str, object], str]:
     full_env = {**os.environ, "LIGHTNING_QLORA_CACHE": cache, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join((str(REPO_ROOT), str(REPO_ROOT / "tests")))
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env=full_env
-    )
+    command = [sys.executable, "-c", textwrap.dedent(code)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=full_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -71,10 +70,10 @@ STAGES = """
             seen["predict"] = alloc.installed()
 
     def trainer(fail=False):
+        plugin = QLoRAPrecision(compute_dtype="float32", log_report=False)
         return pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, limit_test_batches=1,
-                          limit_predict_batches=1, plugins=[QLoRAPrecision(compute_dtype="float32",
-                          log_report=False)], callbacks=[Probe(fail)], logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False)
+                          limit_predict_batches=1, plugins=[plugin], callbacks=[Probe(fail)], logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
     result = {"before": alloc.installed()}
     module = Module()
