@@ -13,10 +13,12 @@
 // handed out here are still freed here after the restore (this library is never unloaded and its
 // bookkeeping never freed): they are unmapped then, not cached. Storages made during the stay still name
 // this allocator when they grow; once uninstalled it forwards every request to the previous one.
-// raw_allocate/raw_deallocate (ideep's engine memory) look the allocator up at each call: a block raw-
-// allocated here and raw-freed after the restore would reach the previous allocator's free(); ideep frees
-// its scratch memory within the op, so nothing is outstanding at teardown unless a program keeps an
-// opaque mkldnn tensor made during training beyond it. Built and loaded by cpu_caching_allocator.py.
+// raw_allocate/raw_deallocate (ideep's engine memory, an opaque mkldnn tensor) look the allocator up at
+// each call, so a block raw-allocated here may be raw-freed after the restore by the previous allocator,
+// torch's default, whose deleter is glibc's free(). Each block is therefore mapped with one page in front
+// holding the header glibc writes for a chunk it mapped itself (what posix_memalign(4096, n) returns for a
+// large n): free() of such a pointer unmaps the whole mapping, as for glibc's own. Built and loaded by
+// cpu_caching_allocator.py.
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -71,6 +73,22 @@ std::size_t size_class(std::size_t n) {
   return (size + step - 1) / step * step;
 }
 
+// The page in front of every block: glibc's header of an mmapped chunk ends right before the block.
+constexpr std::size_t kFront = kPage;
+constexpr std::size_t kIsMmapped = 2;  // glibc's IS_MMAPPED bit in a chunk's size field
+
+void* map(std::size_t size) {
+  void* base = mmap(nullptr, size + kFront, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return nullptr;
+  char* block = static_cast<char*>(base) + kFront;
+  std::size_t* header = reinterpret_cast<std::size_t*>(block) - 2;  // glibc's prev_size and size fields
+  header[0] = kFront - 2 * sizeof(std::size_t);  // from the mapping's start to the chunk
+  header[1] = (size + 2 * sizeof(std::size_t)) | kIsMmapped;  // the chunk: header and block
+  return block;
+}
+
+void unmap(void* ptr, std::size_t size) { munmap(static_cast<char*>(ptr) - kFront, size + kFront); }
+
 // Blocks evicted under the lock are unmapped after it is released: munmap interrupts every core running
 // this process's threads, and the other threads need not wait for that.
 struct Evicted {
@@ -78,7 +96,7 @@ struct Evicted {
   FreeBlock blocks[kMax];
   int count = 0;
   ~Evicted() {
-    for (int i = 0; i < count; ++i) munmap(blocks[i].ptr, blocks[i].size);
+    for (int i = 0; i < count; ++i) unmap(blocks[i].ptr, blocks[i].size);
   }
 };
 
@@ -93,7 +111,7 @@ void evict_oldest_locked(Evicted* later) {
   if (later != nullptr && later->count < Evicted::kMax) {
     later->blocks[later->count++] = oldest;
   } else {
-    munmap(oldest.ptr, oldest.size);
+    unmap(oldest.ptr, oldest.size);
   }
 }
 
@@ -136,7 +154,7 @@ void release(void* ptr) {
   }
   std::size_t reserved = live + cache->cached_bytes;
   lock.unlock();
-  if (!keep) munmap(ptr, size);
+  if (!keep) unmap(ptr, size);
   report_to_profiler(ptr, -static_cast<std::int64_t>(size), live, reserved);
 }
 
@@ -150,11 +168,6 @@ void* take_cached_locked(std::size_t size) {
   cache->free_blocks.erase(newest);
   cache->cached_bytes -= size;
   return ptr;
-}
-
-void* map(std::size_t size) {
-  void* ptr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  return ptr == MAP_FAILED ? nullptr : ptr;
 }
 
 struct CachingCPUAllocator final : c10::Allocator {
@@ -183,10 +196,15 @@ struct CachingCPUAllocator final : c10::Allocator {
         lock.lock();
       }
       try {
-        cache->live.emplace(ptr, size);
+        // An entry for this address can be left from a block that free() unmapped after a restore.
+        auto entry = cache->live.try_emplace(ptr, size);
+        if (!entry.second) {
+          cache->live_bytes -= entry.first->second;
+          entry.first->second = size;
+        }
       } catch (...) {
         lock.unlock();
-        munmap(ptr, size);
+        unmap(ptr, size);
         throw;
       }
       cache->live_bytes += size;
@@ -230,9 +248,12 @@ int lq_alloc_abi_version() { return 2; }
 
 // Route CPU allocations of `min_bytes` and more through the cache, keeping up to `cap_bytes` of freed
 // blocks (the first call's sizes stay). Returns 1 when torch now allocates through it, 0 when torch kept
-// an allocator of higher priority, -1 for invalid sizes. Priority 0, torch's default, so that
+// an allocator of higher priority, -1 for invalid sizes, -2 where the C library is not glibc. Priority 0, torch's default, so that
 // lq_alloc_uninstall can put the previous allocator back exactly as it was.
 int lq_alloc_install(long long min_bytes, long long cap_bytes) {
+#ifndef __GLIBC__
+  return -2;  // the blocks' headers are glibc's
+#endif
   if (cache == nullptr) {
     if (min_bytes < 1 || cap_bytes < 0) return -1;
     cache = new Cache();

@@ -171,8 +171,10 @@ def install(min_bytes: int = MIN_BYTES, cache_bytes: int = CACHE_BYTES) -> bool:
         if lib is None:
             return False
         if _holders == 0:
-            if lib.lq_alloc_install(min_bytes, cache_bytes) != 1:
-                log.warning("lightning-qlora: torch kept another CPU allocator; the caching one is not used.")
+            status = lib.lq_alloc_install(min_bytes, cache_bytes)
+            if status != 1:
+                why = "this C library is not glibc" if status == -2 else "torch kept another CPU allocator"
+                log.warning("lightning-qlora: %s; the CPU caching allocator is not used.", why)
                 return False
             log.debug("lightning-qlora: CPU caching allocator installed (%s)", stats())
         _holders += 1
