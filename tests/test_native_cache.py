@@ -269,15 +269,17 @@ def test_without_a_safe_cache_or_a_compiler_there_is_no_native_code(tmp_path: Pa
     assert not list(home.rglob("*.so")) and not list(home.rglob(".*.failed"))  # no compiler: no failure
 
 
-def wrapper_compiler(tmp_path: Path, log: Path, fail: bool) -> Path:
+def wrapper_compiler(
+    tmp_path: Path, log: Path, fail: bool, real: str | None = CC, tag: str = "build"
+) -> Path:
     """A compiler that logs each build (not `--version`) and takes a second; fails every build if asked."""
-    assert CC is not None
-    script = tmp_path / ("failing-cc" if fail else "logging-cc")
+    assert real is not None
+    script = tmp_path / f"{'failing' if fail else 'logging'}-{tag}"
     script.write_text(
         "#!/bin/sh\n"
-        f'case "$*" in *--version*) exec {CC} "$@";; esac\n'
-        f"echo build >> {log}\n"
-        "sleep 1\n" + ("echo 'error: planted failure' >&2\nexit 1\n" if fail else f'exec {CC} "$@"\n')
+        f'case "$*" in *--version*) exec {real} "$@";; esac\n'
+        f"echo {tag} >> {log}\n"
+        "sleep 1\n" + ("echo 'error: planted failure' >&2\nexit 1\n" if fail else f'exec {real} "$@"\n')
     )
     script.chmod(0o755)
     return script
@@ -342,3 +344,38 @@ def test_a_failed_build_is_remembered_not_retried_by_every_rank(tmp_path: Path) 
     with pytest.raises(KernelBuildError, match="planted failure"):
         build_kernel(cache, cc=str(cc))
     assert len(log.read_text().splitlines()) == 4
+
+
+@needs_cc
+@pytest.mark.slow
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler: the allocator is not built")
+def test_a_real_ddp_fit_builds_each_library_once(tmp_path: Path) -> None:
+    """Two CPU ranks (Lightning's launcher, gloo) on an empty cache: each library is compiled by one rank."""
+    log = tmp_path / "builds.log"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")
+        and not k.startswith("LIGHTNING_Q")
+    }
+    env["LIGHTNING_QLORA_CACHE"] = str(tmp_path / "cache")
+    env["LIGHTNING_QLORA_CC"] = str(wrapper_compiler(tmp_path, log, fail=False, real=CC, tag="cc"))
+    env["LIGHTNING_QLORA_CXX"] = str(wrapper_compiler(tmp_path, log, fail=False, real=CXX, tag="cxx"))
+    script = REPO_ROOT / "tests" / "strategies" / "ddp_script.py"
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(script), str(out), "--max-steps", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert (out / "rank0.pt").exists() and (out / "rank1.pt").exists()
+    builds = log.read_text().splitlines()
+    assert builds.count("cxx") == 1, builds  # the allocator: one rank built it, the other loaded it
+    assert builds.count("cc") <= 1, builds  # the kernel, where the 4-bit layers dequantize on the CPU
+    assert "unavailable" not in done.stderr
+    assert len(list((tmp_path / "cache" / "native").glob("cpu_caching_allocator-*.so"))) == 1
