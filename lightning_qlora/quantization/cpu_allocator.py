@@ -11,7 +11,7 @@ process; a value the user set in the environment is left alone (and so is everyt
 
 A fixed threshold costs speed: every block is mapped and faulted in afresh, a quarter of a step at two
 threads. So the callers (`QLoRAPrecision`, `load_quantized`) also route torch's own CPU tensors of 128 KiB
-and more through `cpu_caching_allocator` while they run (`guest_allocator`), which reuses freed blocks up
+and more through `cpu_caching_allocator` while they run (`lean_cpu_memory`), which reuses freed blocks up
 to a small cap; the threshold then covers what else calls malloc. The threshold stays for the rest of the
 process (glibc cannot give its adaptive threshold back); the allocator is put back at the end.
 """
