@@ -169,6 +169,7 @@ def test_a_library_file_that_is_not_the_users_own_is_never_loaded_but_rebuilt(
 
 
 @needs_cc
+@pytest.mark.slow
 def test_control_the_same_plant_in_the_users_own_cache_is_loaded_then_rebuilt(
     tmp_path: Path, planted: Path, marker: Path
 ) -> None:

@@ -103,6 +103,7 @@ STAGES = """
 
 
 @needs_compiler
+@pytest.mark.slow
 def test_it_is_in_place_during_each_stage_and_the_previous_one_is_back_after(cache: str) -> None:
     result, _ = run(cache, STAGES)
     assert result.pop("seen") == {"fit": True, "validate": True, "test": True, "predict": True}
