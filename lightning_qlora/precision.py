@@ -13,11 +13,12 @@ from typing_extensions import override
 
 from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._settings import check_bool, config_from, signature_with_fields
+from lightning_qlora.quantization import cpu_caching_allocator
 from lightning_qlora.quantization.backends import get_backend
 from lightning_qlora.quantization.compute_dtype import resolve_compute_dtype
 from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
 from lightning_qlora.quantization.convert import replace_linear_layers, set_compute_dtype
-from lightning_qlora.quantization.cpu_allocator import limit_heap_growth
+from lightning_qlora.quantization.cpu_allocator import start_lean_cpu_memory
 from lightning_qlora.quantization.layers import is_linear4bit, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
 from lightning_qlora.strategies.support import require_supported_strategy
@@ -44,8 +45,9 @@ class QLoRAPrecision(Precision):
             pile up in the heap: about half the anonymous memory of a training process; and torch's CPU
             tensors of 128 KiB and more served by a caching allocator that reuses up to 64 MiB of freed
             blocks, so they are not faulted in afresh (built at first use with the C++ compiler; without
-            one, the threshold alone). False leaves the allocator alone; `MALLOC_MMAP_THRESHOLD_` in the
-            environment always wins.
+            one, the threshold alone). The caching allocator is process-wide but only while a
+            fit/validate/test/predict runs: the previous one is put back at teardown (docs/native-code.md).
+            False leaves the allocator alone; `MALLOC_MMAP_THRESHOLD_` in the environment always wins.
         **kwargs: fields of `QuantizationConfig` (`quant_type`, `blocksize`, `double_quant`,
             `compute_dtype`, `exclude`, `backend`), a shorthand: `QLoRAPrecision(quant_type="fp4")` is
             `QLoRAPrecision(QuantizationConfig(quant_type="fp4"))`; given with `config`, they replace its
@@ -69,6 +71,7 @@ class QLoRAPrecision(Precision):
         self.limit_cpu_heap = check_bool("QLoRAPrecision", "limit_cpu_heap", limit_cpu_heap)
         self.report: QuantizationReport | None = None
         self.compute_dtype: torch.dtype | None = None
+        self._holds_allocator = False  # the caching allocator is installed for this run, until teardown
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -96,8 +99,8 @@ class QLoRAPrecision(Precision):
             device = layers[0].weight.device
             self.compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device, self.config.backend)
             set_compute_dtype(model, self.compute_dtype)
-            if self.limit_cpu_heap and device.type == "cpu":
-                limit_heap_growth()
+            if self.limit_cpu_heap and device.type == "cpu" and not self._holds_allocator:
+                self._holds_allocator = start_lean_cpu_memory()
         self.report = quantization_report(model)
         if self.log_report:
             rank_zero_info(
@@ -107,6 +110,14 @@ class QLoRAPrecision(Precision):
                 + self.report.table()
             )
         return super().connect(model, optimizers, lr_schedulers)
+
+    @override
+    def teardown(self) -> None:
+        """Put back the CPU allocator that was installed before this run (the caching one is a guest)."""
+        if self._holds_allocator:
+            self._holds_allocator = False
+            cpu_caching_allocator.uninstall()
+        super().teardown()
 
 
 QLoRAPrecision.__signature__ = signature_with_fields(  # type: ignore[attr-defined]

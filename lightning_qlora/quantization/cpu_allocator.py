@@ -10,16 +10,20 @@ same run stays at half the memory. It is the documented `MALLOC_MMAP_THRESHOLD_`
 process; a value the user set in the environment is left alone (and so is everything below).
 
 A fixed threshold costs speed: every block is mapped and faulted in afresh, a quarter of a step at two
-threads. So torch's own CPU tensors of 128 KiB and more are also routed through `cpu_caching_allocator`,
-which reuses freed blocks up to a small cap; the threshold then covers what else calls malloc.
+threads. So the callers (`QLoRAPrecision`, `load_quantized`) also route torch's own CPU tensors of 128 KiB
+and more through `cpu_caching_allocator` while they run (`lean_cpu_memory`), which reuses freed blocks up
+to a small cap; the threshold then covers what else calls malloc. The threshold stays for the rest of the
+process (glibc cannot give its adaptive threshold back); the allocator is put back at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from lightning_qlora.quantization import cpu_caching_allocator
 
@@ -46,8 +50,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 def limit_heap_growth(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Serve allocations of `threshold` bytes or more from their own mappings, returned to the OS when
-    freed, and torch's through the caching allocator; True if the process's allocator now does (glibc on
-    Linux, no user setting in the environment)."""
+    freed; True if the process's allocator now does (glibc on Linux, no user setting in the environment).
+    Pair it with `start_lean_cpu_memory` / `cpu_caching_allocator.install` for torch's own tensors."""
     global _applied
     if _applied == threshold:
         return True
@@ -61,7 +65,6 @@ def limit_heap_growth(threshold: int = DEFAULT_THRESHOLD) -> bool:
     if libc.mallopt(M_MMAP_THRESHOLD, threshold) != 1:  # pragma: no cover - glibc refuses > 32 MiB only
         return False
     _applied = threshold
-    cpu_caching_allocator.install()
     log.debug("lightning-qlora: glibc mmap threshold set to %d bytes", threshold)
     return True
 
@@ -69,3 +72,20 @@ def limit_heap_growth(threshold: int = DEFAULT_THRESHOLD) -> bool:
 def heap_growth_limit() -> int | None:
     """The threshold this package set, or None if it set none."""
     return _applied
+
+
+def start_lean_cpu_memory() -> bool:
+    """`limit_heap_growth`, then the caching allocator as a guest; True if the allocator was installed, and
+    then the caller must call `cpu_caching_allocator.uninstall()` when its work ends."""
+    return limit_heap_growth() and cpu_caching_allocator.install()
+
+
+@contextlib.contextmanager
+def lean_cpu_memory(enabled: bool = True) -> Iterator[None]:
+    """`start_lean_cpu_memory` for the duration of the block (nothing when not `enabled`)."""
+    installed = enabled and start_lean_cpu_memory()
+    try:
+        yield
+    finally:
+        if installed:
+            cpu_caching_allocator.uninstall()

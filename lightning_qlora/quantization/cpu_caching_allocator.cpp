@@ -8,14 +8,24 @@
 // least recently freed evicted first, and hands them back by size class; everything else is returned to
 // the operating system at once. Requests below `min_bytes` go to the allocator that was installed before.
 //
-// Installed with c10::SetCPUAllocator, so every CPU tensor torch allocates from then on comes through
-// here; tensors allocated before keep their own deleters. Built and loaded by cpu_caching_allocator.py.
+// A guest: installed with c10::SetCPUAllocator for the duration of a fit (or a load), then the allocator
+// that was there before is put back. Tensors keep the deleter of the allocator that made them, so blocks
+// handed out here are still freed here after the restore (this library is never unloaded and its
+// bookkeeping never freed): they are unmapped then, not cached. Storages made during the stay still name
+// this allocator when they grow; once uninstalled it forwards every request to the previous one.
+// raw_allocate/raw_deallocate (ideep's engine memory, an opaque mkldnn tensor) look the allocator up at
+// each call, so a block raw-allocated here may be raw-freed after the restore by the previous allocator,
+// torch's default, whose deleter is glibc's free(). Each block is therefore mapped with one page in front
+// holding the header glibc writes for a chunk it mapped itself (what posix_memalign(4096, n) returns for a
+// large n): free() of such a pointer unmaps the whole mapping, as for glibc's own. Built and loaded by
+// cpu_caching_allocator.py.
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <pthread.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <list>
@@ -47,7 +57,8 @@ struct Cache {
   std::uint64_t hits = 0;
   std::uint64_t misses = 0;
   std::uint64_t evictions = 0;
-  c10::Allocator* previous = nullptr;
+  std::atomic<c10::Allocator*> previous{nullptr};  // the allocator installed before this one
+  std::atomic<bool> active{false};  // installed: serve and cache; else forward and unmap
 };
 
 Cache* cache = nullptr;  // never freed: tensors may outlive every other object
@@ -62,6 +73,22 @@ std::size_t size_class(std::size_t n) {
   return (size + step - 1) / step * step;
 }
 
+// The page in front of every block: glibc's header of an mmapped chunk ends right before the block.
+constexpr std::size_t kFront = kPage;
+constexpr std::size_t kIsMmapped = 2;  // glibc's IS_MMAPPED bit in a chunk's size field
+
+void* map(std::size_t size) {
+  void* base = mmap(nullptr, size + kFront, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return nullptr;
+  char* block = static_cast<char*>(base) + kFront;
+  std::size_t* header = reinterpret_cast<std::size_t*>(block) - 2;  // glibc's prev_size and size fields
+  header[0] = kFront - 2 * sizeof(std::size_t);  // from the mapping's start to the chunk
+  header[1] = (size + 2 * sizeof(std::size_t)) | kIsMmapped;  // the chunk: header and block
+  return block;
+}
+
+void unmap(void* ptr, std::size_t size) { munmap(static_cast<char*>(ptr) - kFront, size + kFront); }
+
 // Blocks evicted under the lock are unmapped after it is released: munmap interrupts every core running
 // this process's threads, and the other threads need not wait for that.
 struct Evicted {
@@ -69,7 +96,7 @@ struct Evicted {
   FreeBlock blocks[kMax];
   int count = 0;
   ~Evicted() {
-    for (int i = 0; i < count; ++i) munmap(blocks[i].ptr, blocks[i].size);
+    for (int i = 0; i < count; ++i) unmap(blocks[i].ptr, blocks[i].size);
   }
 };
 
@@ -84,7 +111,7 @@ void evict_oldest_locked(Evicted* later) {
   if (later != nullptr && later->count < Evicted::kMax) {
     later->blocks[later->count++] = oldest;
   } else {
-    munmap(oldest.ptr, oldest.size);
+    unmap(oldest.ptr, oldest.size);
   }
 }
 
@@ -101,14 +128,15 @@ void release(void* ptr) {
   auto found = cache->live.find(ptr);
   if (found == cache->live.end()) {  // a small block handed back through raw_deallocate
     lock.unlock();
-    cache->previous->raw_deleter()(ptr);
+    cache->previous.load()->raw_deleter()(ptr);
     return;
   }
   std::size_t size = found->second;
   cache->live.erase(found);
   cache->live_bytes -= size;
   std::size_t live = cache->live_bytes;
-  bool keep = 2 * size <= cache->cap_bytes;  // a larger block would flush the whole cache
+  // A larger block would flush the whole cache; after the restore nothing would reuse a cached one.
+  bool keep = 2 * size <= cache->cap_bytes && cache->active.load();
   if (keep) {
     while (cache->cached_bytes + size > cache->cap_bytes) evict_oldest_locked(&evicted);
     try {  // a deleter must not throw: if bookkeeping cannot grow, the block goes back to the OS
@@ -126,7 +154,7 @@ void release(void* ptr) {
   }
   std::size_t reserved = live + cache->cached_bytes;
   lock.unlock();
-  if (!keep) munmap(ptr, size);
+  if (!keep) unmap(ptr, size);
   report_to_profiler(ptr, -static_cast<std::int64_t>(size), live, reserved);
 }
 
@@ -142,15 +170,11 @@ void* take_cached_locked(std::size_t size) {
   return ptr;
 }
 
-void* map(std::size_t size) {
-  void* ptr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  return ptr == MAP_FAILED ? nullptr : ptr;
-}
-
 struct CachingCPUAllocator final : c10::Allocator {
   c10::DataPtr allocate(std::size_t n) override {
     // Small requests, and sizes no machine has, go to the allocator installed before (torch's message).
-    if (n < cache->min_bytes || n > kLargest) return cache->previous->allocate(n);
+    c10::Allocator* previous = cache->previous.load();
+    if (!cache->active.load() || n < cache->min_bytes || n > kLargest) return previous->allocate(n);
     std::size_t size = size_class(n);
     void* ptr = nullptr;
     std::size_t live = 0;
@@ -167,15 +191,20 @@ struct CachingCPUAllocator final : c10::Allocator {
         if (ptr == nullptr) {  // the cached blocks may be what is missing; then glibc's own rules
           release_all_cached();
           ptr = map(size);
-          if (ptr == nullptr) return cache->previous->allocate(n);  // e.g. at vm.max_map_count
+          if (ptr == nullptr) return previous->allocate(n);  // e.g. at vm.max_map_count
         }
         lock.lock();
       }
       try {
-        cache->live.emplace(ptr, size);
+        // An entry for this address can be left from a block that free() unmapped after a restore.
+        auto entry = cache->live.try_emplace(ptr, size);
+        if (!entry.second) {
+          cache->live_bytes -= entry.first->second;
+          entry.first->second = size;
+        }
       } catch (...) {
         lock.unlock();
-        munmap(ptr, size);
+        unmap(ptr, size);
         throw;
       }
       cache->live_bytes += size;
@@ -191,7 +220,7 @@ struct CachingCPUAllocator final : c10::Allocator {
   // carry that allocator's own deleter, so compare_exchange_deleter against ours fails for them (only
   // CUDA code does that).
   c10::DeleterFnPtr raw_deleter() const override {
-    return cache->previous->raw_deleter() != nullptr ? &release : nullptr;
+    return cache->previous.load()->raw_deleter() != nullptr ? &release : nullptr;
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -215,24 +244,51 @@ void after_fork() { cache->mutex.unlock(); }
 
 extern "C" {
 
-int lq_alloc_abi_version() { return 1; }
+int lq_alloc_abi_version() { return 2; }
 
 // Route CPU allocations of `min_bytes` and more through the cache, keeping up to `cap_bytes` of freed
-// blocks. Returns 1 when torch now allocates through it (later calls only return that), 0 when torch
-// kept an allocator of higher priority, -1 for invalid sizes.
+// blocks (the first call's sizes stay). Returns 1 when torch now allocates through it, 0 when torch kept
+// an allocator of higher priority, -1 for invalid sizes, -2 where the C library is not glibc. Priority 0, torch's default, so that
+// lq_alloc_uninstall can put the previous allocator back exactly as it was.
 int lq_alloc_install(long long min_bytes, long long cap_bytes) {
+#ifndef __GLIBC__
+  return -2;  // the blocks' headers are glibc's
+#endif
   if (cache == nullptr) {
     if (min_bytes < 1 || cap_bytes < 0) return -1;
     cache = new Cache();
     cache->min_bytes = static_cast<std::size_t>(min_bytes);
     cache->cap_bytes = static_cast<std::size_t>(cap_bytes);
-    cache->previous = c10::GetCPUAllocator();
     allocator = new CachingCPUAllocator();
     pthread_atfork(before_fork, after_fork, after_fork);
-    c10::SetCPUAllocator(allocator, /*priority=*/1);
   }
-  return c10::GetCPUAllocator() == allocator ? 1 : 0;
+  c10::Allocator* current = c10::GetCPUAllocator();
+  if (current != allocator) {
+    cache->previous.store(current);  // before torch can route a request here
+    c10::SetCPUAllocator(allocator, /*priority=*/0);
+  }
+  bool now = c10::GetCPUAllocator() == allocator;
+  cache->active.store(now);
+  return now ? 1 : 0;
 }
+
+// Put back the allocator that was installed before (if this one is still the current one), unmap the
+// cached blocks and forward every later request to the previous allocator. Returns 1 if it was put back,
+// 0 if another allocator had replaced this one meanwhile (that one stays).
+int lq_alloc_uninstall() {
+  if (cache == nullptr) return 0;
+  int restored = 0;
+  if (c10::GetCPUAllocator() == allocator) {
+    c10::SetCPUAllocator(cache->previous.load(), /*priority=*/0);
+    restored = 1;
+  }
+  cache->active.store(false);
+  CachingCPUAllocator::release_all_cached();
+  return restored;
+}
+
+// Whether torch's CPU allocator is this one right now.
+int lq_alloc_current() { return allocator != nullptr && c10::GetCPUAllocator() == allocator ? 1 : 0; }
 
 // Return every cached block to the operating system (what malloc_trim is to glibc's heap).
 void lq_alloc_release_cached() {

@@ -26,7 +26,7 @@ from lightning_qlora.quantization.convert import (
     require_linear_layers,
     set_compute_dtype,
 )
-from lightning_qlora.quantization.cpu_allocator import limit_heap_growth
+from lightning_qlora.quantization.cpu_allocator import lean_cpu_memory
 from lightning_qlora.quantization.cpu_caching_allocator import release_cached
 from lightning_qlora.quantization.layers import (
     is_quantized,
@@ -56,7 +56,8 @@ def load_quantized(
     dict. `dtype` casts the floating tensors that stay in full precision. `key_map` renames source keys
     (return None to skip one). Returns the names of the quantized layers.
 
-    `limit_cpu_heap` (on a CPU device) sets `QLoRAPrecision`'s heap limit before the first tensor is read:
+    `limit_cpu_heap` (on a CPU device) sets `QLoRAPrecision`'s heap limit before the first tensor is read
+    (the caching allocator is installed for the load and the previous one put back after it):
     loading's megabyte-size temporaries then go back to the OS instead of leaving the heap full of free
     blocks that training's activations refill, leaving training's peak to chance (benchmarks/README.md).
     """
@@ -64,8 +65,20 @@ def load_quantized(
     config = config or QuantizationConfig()
     device = torch.device(device)
     require_linear_layers(model)
-    if limit_cpu_heap and device.type == "cpu":
-        limit_heap_growth()
+    with lean_cpu_memory(limit_cpu_heap and device.type == "cpu"):
+        return _load(model, source, config, device, compute_dtype, dtype, strict, key_map)
+
+
+def _load(
+    model: nn.Module,
+    source: StateSource,
+    config: QuantizationConfig,
+    device: torch.device,
+    compute_dtype: torch.dtype | None,
+    dtype: torch.dtype | None,
+    strict: bool,
+    key_map: Callable[[str], str | None] | None,
+) -> list[str]:
     aliases = _tied_names(model)  # before the 4-bit shells replace (and so untie) a tied linear layer
     targets = _untied(quantization_targets(model, config), aliases)
     shells = {path: _shell(layer, config, compute_dtype) for path, layer in targets}

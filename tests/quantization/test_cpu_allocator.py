@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(_glibc() is None, reason="glibc's malloc only")
 CHURN = textwrap.dedent(
     """
     import ctypes, json, sys, torch
-    from lightning_qlora.quantization.cpu_allocator import heap_growth_limit, limit_heap_growth
+    from lightning_qlora.quantization.cpu_allocator import heap_growth_limit, start_lean_cpu_memory
 
     MIB = 1 << 20
 
@@ -42,7 +42,7 @@ CHURN = textwrap.dedent(
                     return int(line.split()[1]) / 1024
 
     if sys.argv[1] == "limit":
-        limit_heap_growth()
+        start_lean_cpu_memory()
     big = torch.ones(4 * MIB)  # 16 MiB
     del big
     heap_before, anon_before = libc.mallinfo2().arena / MIB, rss_anon_mib()
@@ -91,7 +91,7 @@ SETTER_PRELUDE = textwrap.dedent(
     from torch import nn
     from lightning_qlora import QLoRAPrecision, load_quantized
     from lightning_qlora.quantization.cpu_allocator import heap_growth_limit
-    from lightning_qlora.quantization.cpu_caching_allocator import installed
+    from lightning_qlora.quantization.cpu_caching_allocator import installed, stats
     on = sys.argv[1] == "on"
     """
 )
@@ -110,10 +110,13 @@ SETTERS = {
 
 @pytest.mark.parametrize("setter", sorted(SETTERS))
 def test_it_is_set_on_cpu_unless_told_not_to(setter: str) -> None:
-    """The threshold and, where a C++ compiler can build it, the caching allocator."""
-    code = SETTER_PRELUDE + textwrap.dedent(SETTERS[setter]) + "print(heap_growth_limit(), installed())\n"
-    compiler = cpu_caching_allocator.compiler()
-    for flag, expected in (("on", f"{1 << 20} {compiler is not None}"), ("off", "None False")):
+    """The threshold and, where a C++ compiler can build it, the caching allocator: the plugin holds it
+    until its teardown (not called here), `load_quantized` for the load only (then `stats()` shows it ran)."""
+    code = SETTER_PRELUDE + textwrap.dedent(SETTERS[setter])
+    code += "print(heap_growth_limit(), installed(), stats() is not None)\n"
+    built = cpu_caching_allocator.compiler() is not None
+    held = built and setter == "plugin"
+    for flag, expected in (("on", f"{1 << 20} {held} {built}"), ("off", "None False False")):
         proc = subprocess.run(
             [sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=300, check=True
         )

@@ -386,7 +386,7 @@ def test_fallback_is_one_log_line_not_an_error(tmp_path: Path, env: dict[str, st
     assert len(lines) == 1, done.stderr
     assert reason in lines[0]
     assert "Traceback" not in done.stderr
-    assert not list((tmp_path / "lightning-qlora").glob("*.so"))
+    assert not list((tmp_path / "lightning_qlora" / "native").glob("*.so"))
 
 
 def test_cache_is_reused_and_a_broken_file_is_rebuilt(tmp_path: Path) -> None:
@@ -446,5 +446,5 @@ def test_two_processes_building_at_once(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         assert out.strip() == "ok"
-    assert len(list((tmp_path / "lightning-qlora").glob("*.so"))) == 1
-    assert not list((tmp_path / "lightning-qlora").glob(".*.tmp"))
+    assert len(list((tmp_path / "lightning_qlora" / "native").glob("*.so"))) == 1
+    assert not list((tmp_path / "lightning_qlora" / "native").glob(".*.tmp"))

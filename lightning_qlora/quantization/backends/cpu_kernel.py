@@ -7,10 +7,11 @@ bit-identical to bitsandbytes' reference arithmetic (see `dequant4bit.c` for the
 
 The C source beside this module is compiled once with the system C compiler (``$LIGHTNING_QLORA_CC``, else
 ``$CC``, else ``cc``/``gcc``/``clang``) and loaded with ctypes; no torch headers, no ninja. The shared
-library is cached and sealed by `lightning_qlora._native_build` (named by a hash of the source, the
-compiler, its flags and the CPU). ``LIGHTNING_QLORA_DISABLE_KERNEL=1`` turns the
-kernel off. When it cannot be built or loaded, `kernel_available()` returns False after one log line and
-callers use bitsandbytes instead.
+library is cached, sealed and loaded by `lightning_qlora._native_build` (named by a hash of the source,
+the compiler, its flags and the CPU; loaded only from a folder of the user's own).
+``LIGHTNING_QLORA_DISABLE_KERNEL=1`` (or ``LIGHTNING_QLORA_DISABLE_NATIVE=1``) turns the kernel off. When
+it cannot be built or loaded, `kernel_available()` returns False after one log line and callers use
+bitsandbytes instead.
 
 Only plain tensors cross this module's boundary; bitsandbytes objects stay in the backend module.
 """
@@ -18,6 +19,7 @@ Only plain tensors cross this module's boundary; bitsandbytes objects stay in th
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -28,12 +30,12 @@ import torch
 
 from lightning_qlora._native_build import (
     NativeBuildError,
-    compile_library,
+    NativeDisabledError,
+    UnsafeCacheError,
+    build_and_load,
     find_compiler,
-    is_sealed,
-    library_path,
+    load_library,
 )
-from lightning_qlora._native_build import cache_dir as default_cache_dir
 
 __all__ = [
     "COMPILER_ENV",
@@ -73,15 +75,17 @@ def _compiler() -> str | None:
 
 
 def _open(path: Path, flags: tuple[str, ...]) -> _Kernel:
-    """Load a built library, declare its signature and check it on a small input against plain torch."""
-    if not is_sealed(path):
-        raise NativeBuildError(f"{path.name} is incomplete or was not written by this module")
+    """Load a built library (checked by `load_library`) and check it (`_checked`)."""
+    return _checked(load_library(path), path, flags)
+
+
+def _checked(lib: ctypes.CDLL, path: Path, flags: tuple[str, ...]) -> _Kernel:
+    """Declare the loaded library's signature and check it on a small input against plain torch."""
     try:
-        lib = ctypes.CDLL(str(path))
         version = lib.lq_abi_version
         simd = lib.lq_simd_level
         entry = lib.lq_dequantize_4bit
-    except (OSError, AttributeError) as err:
+    except AttributeError as err:
         raise NativeBuildError(f"cannot load {path.name}: {err}") from err
     version.restype = ctypes.c_int
     version.argtypes = []
@@ -164,9 +168,8 @@ def build_kernel(
     """Build (or reuse from the cache) and load the kernel; raise NativeBuildError when that fails.
 
     Not cached in memory: `kernel_available()` is the cached entry point. A cached library that fails to
-    load or to pass the self-check (a truncated or foreign file) is rebuilt once.
+    load or to pass the self-check (a truncated or foreign file) is rebuilt once (`build_and_load`).
     """
-    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     cc = _compiler() if cc is None else cc
     if cc is None:
         raise NativeBuildError("no C compiler found (set LIGHTNING_QLORA_CC or CC, or install gcc)")
@@ -177,14 +180,16 @@ def build_kernel(
     errors: list[str] = []
     for flags in attempts:
         try:
-            path = library_path(cache_dir, "dequant4bit", SOURCE, cc, flags)
-            if path.exists():
-                try:
-                    return _open(path, flags)
-                except NativeBuildError as err:
-                    log.debug("lightning-qlora: rebuilding the cached kernel %s (%s)", path.name, err)
-            compile_library(cc, flags, SOURCE, path)
-            return _open(path, flags)
+            return build_and_load(
+                "dequant4bit",
+                SOURCE,
+                cc,
+                flags,
+                functools.partial(_checked, flags=flags),
+                directory=None if cache_dir is None else Path(cache_dir),
+            )
+        except (UnsafeCacheError, NativeDisabledError):
+            raise  # no flags can help
         except (NativeBuildError, OSError) as err:
             errors.append(str(err))
     raise NativeBuildError("; ".join(errors))
@@ -210,6 +215,9 @@ def _try_load() -> _Kernel | None:
         return None
     try:
         return build_kernel()
+    except (UnsafeCacheError, NativeDisabledError) as err:  # said once for all native parts
+        log.debug("lightning-qlora: native CPU dequantization kernel not used (%s).", err)
+        return None
     except (NativeBuildError, OSError) as err:
         log.warning(
             "lightning-qlora: native CPU dequantization kernel unavailable (%s); using bitsandbytes'.", err
