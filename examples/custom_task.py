@@ -59,7 +59,9 @@ class Config:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config changes, e.g. lora.r=16")
     parser.add_argument("--smoke", action="store_true", help="3 steps: check that it runs (smoke=true)")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")

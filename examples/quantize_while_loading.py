@@ -18,7 +18,9 @@ from pathlib import Path
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--checkpoint", type=Path, default=None, help="a Llama folder (default: write one)")
     parser.add_argument("--smoke", action="store_true", help="a 2-layer model: check that it runs")
