@@ -35,7 +35,8 @@ def with_test_values(code: str) -> str:
     for line in code.splitlines():
         if MARKER in line:
             match = MARKED_LINE.match(line)
-            assert match, f"a README-TEST line must read `NAME = value  # README-TEST: NAME = other`: {line!r}"
+            form = "`NAME = value  # README-TEST: NAME = other`"
+            assert match, f"a README-TEST line must read {form}: {line!r}"
             line = match["indent"] + match["test"]
         lines.append(line)
     return "\n".join(lines) + "\n"
