@@ -1,5 +1,5 @@
-"""The README works as a new user meets it: its Python runs as pasted, its commands compose, its links and
-figures point at files that exist.
+"""The README works as a new user meets it: its Python runs as pasted, its commands (and docs/command.md's)
+compose, its links and figures point at files that exist.
 
 The Python blocks run in order in one fresh interpreter, as a user pasting them one after another into one
 session would (the export block continues the quick start). The only change the test makes is the one the
@@ -79,10 +79,10 @@ def test_python_blocks_run_as_pasted(tmp_path: Path) -> None:
     assert (tmp_path / "merged" / "config.json").is_file()
 
 
-def readme_commands() -> list[list[str]]:
-    """The `lightning-qlora-train ...` lines of the README's shell blocks, comments dropped."""
+def shown_commands(page: Path) -> list[list[str]]:
+    """The `lightning-qlora-train ...` lines of a page's shell blocks, comments dropped."""
     commands = []
-    for block in code_blocks(readme(), "bash"):
+    for block in code_blocks(page.read_text(encoding="utf-8"), "bash"):
         for line in block.splitlines():
             words = shlex.split(line, comments=True)
             if words and words[0] == "lightning-qlora-train":
@@ -90,9 +90,11 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
-def test_readme_commands_compose() -> None:
+@pytest.mark.parametrize("page", [README, ROOT / "docs" / "command.md"], ids=lambda p: p.name)
+def test_shown_commands_compose(page: Path) -> None:
     """Each command shown composes its config (`--cfg job`): no misspelt group, option or key."""
-    commands = [args for args in readme_commands() if not {"-m", "--help"} & set(args)]
+    skip = {"-m", "--help", "--version", "--cfg"}
+    commands = [args for args in shown_commands(page) if not skip & set(args)]
     assert [] in commands, "the default job"
     assert len(commands) >= 3
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
