@@ -1,30 +1,22 @@
 """A task of your own with its own typed config: a LightningModule, a dataclass schema and Hydra.
 
 The module below knows nothing about quantization or adapters: the config says how to fine-tune it, and
-the package's three pieces do it. The schema is a dataclass registered with Hydra's ConfigStore, so every
-key is typed and checked, and any of them can be changed on the command line:
+the package's three pieces do it. The schema is a dataclass that Hydra composes with the overrides given
+on the command line, so every key is typed and checked (`lora.r=abc` or `lora.rr=8` is refused):
 
     python examples/custom_task.py                                   # the defaults below
     python examples/custom_task.py lora.r=16 precision.quant_type=fp4 trainer.max_steps=200
     python examples/custom_task.py precision.enabled=false           # plain 32-bit LoRA
-    python examples/custom_task.py --cfg job                         # print the composed config
-
-(smoke=true: 3 steps, to check that it runs; Hydra writes its logs under outputs/ unless hydra.run.dir=...)
+    python examples/custom_task.py --print-config lora.r=16          # the composed config, then exit
+    python examples/custom_task.py --smoke                           # 3 steps: check that it runs
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import sys
 from dataclasses import dataclass, field
-
-import hydra
-import lightning.pytorch as pl
-import torch
-from hydra.core.config_store import ConfigStore
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-from lightning_qlora import LoRA, QLoRAPrecision, QLoRAStrategy
 
 
 @dataclass
@@ -66,7 +58,49 @@ class Config:
     smoke: bool = False
 
 
-ConfigStore.instance().store(name="custom_task", node=Config)
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config changes, e.g. lora.r=16")
+    parser.add_argument("--smoke", action="store_true", help="3 steps: check that it runs (smoke=true)")
+    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    return parser.parse_args()
+
+
+def load_config(overrides: list[str]) -> Config:
+    """The dataclass defaults with the command line's overrides, composed and type-checked by Hydra."""
+    from hydra import compose, initialize
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="custom_task", node=Config)
+    with initialize(version_base=None):
+        try:
+            cfg = compose("custom_task", overrides=overrides)
+        except HydraException as error:  # a wrong key or value: say which, before anything is built
+            cause = f" ({str(error.__cause__).splitlines()[0]})" if error.__cause__ else ""
+            print(f"custom_task.py: error: {error}{cause}", file=sys.stderr)
+            sys.exit(2)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the imports below: --help answers without loading torch (seconds)
+    CONFIG = load_config([*ARGS.overrides, *(["smoke=true"] if ARGS.smoke else [])])
+    if ARGS.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.structured(CONFIG)), end="")
+        sys.exit(0)
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_qlora import LoRA, QLoRAPrecision, QLoRAStrategy
 
 
 class Classifier(pl.LightningModule):
@@ -97,7 +131,6 @@ def synthetic_data(cfg: ModelConfig, n: int = 1024) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-@hydra.main(version_base=None, config_name="custom_task")
 def main(cfg: Config) -> None:
     pl.seed_everything(cfg.seed)
     module = Classifier(cfg.model)
@@ -131,4 +164,4 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(CONFIG)

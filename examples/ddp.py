@@ -13,6 +13,20 @@ from __future__ import annotations
 
 import argparse
 
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="2 steps: check that it runs")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the imports below: --help answers without loading torch (seconds)
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
@@ -46,12 +60,7 @@ class CausalLM(pl.LightningModule):
         return loss
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true", help="2 steps: check that it runs")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     pl.seed_everything(0)
     module = CausalLM()
     trainer = pl.Trainer(
@@ -76,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

