@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_qlora._export_dir import check_export_dir
 from lightning_qlora.cli.callbacks import FitValidation, RunDescription, ValidateAtLastStep
 from lightning_qlora.cli.curves import CurveRecorder
 from lightning_qlora.cli.interrupt import INTERRUPTED_CHECKPOINT, InterruptHandler
@@ -115,6 +116,10 @@ def build(cfg: DictConfig) -> JobParts:
         precision.log_report = False
     with building("ckpt_path"):
         check_ckpt_path(cfg.ckpt_path)
+    export_dir = OmegaConf.select(cfg, "lora.export_dir")
+    if export_dir is not None:
+        with building("lora.export_dir"):  # the export replaces its folder: never the run folder or a user's
+            check_export_dir(export_dir, "lora.export_dir", run_dir=cfg.paths.output_dir)
     with building("lora"):
         lora = instantiate(cfg.lora)
     with building("optimizer"):

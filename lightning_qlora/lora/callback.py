@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_qlora._export_dir import check_export_dir
 from lightning_qlora._logging import rank_zero_info, rank_zero_warn
 from lightning_qlora._rng import capture_rng_state, restore_rng_state
 from lightning_qlora._settings import SettingTypeError, check_bool, config_from, signature_with_fields
@@ -32,6 +33,7 @@ from lightning_qlora.strategies.support import require_supported_strategy
 
 _OWN = LoRACallbackSettings()  # the defaults of the callback's own arguments
 _OWN_ARGUMENTS = tuple(f.name for f in fields(LoRACallbackSettings))
+_EXPORT_DIR = "LoRA export_dir"
 
 
 class LoRA(Callback):
@@ -44,7 +46,9 @@ class LoRA(Callback):
     Args:
         config: the adapters' settings (`LoRAConfig`); its defaults are the QLoRA paper's (r=64, alpha=16,
             dropout 0.1, every linear layer but the LM head).
-        export_dir: if set, the adapters are written there in PEFT's format when fit ends (rank 0 only).
+        export_dir: if set, the adapters are written there in PEFT's format when fit ends (rank 0 only). The
+            folder is replaced as a whole, so it must be new, empty or an earlier export of this package
+            (which leaves a `.lightning-qlora-export` marker); anything else is refused at once.
         export_module: attribute of the LightningModule that is the base model PEFT would wrap; by default
             its `model` attribute if there is one, else the LightningModule itself; "." names the
             LightningModule (for a head that lives outside `model`, so it is exported too).
@@ -77,7 +81,8 @@ class LoRA(Callback):
                 f"LoRA export_module must be an attribute name, '.' or None, got {export_module!r}."
             )
         self._check_exclude = tuple(self.config.exclude) != DEFAULT_EXCLUDE
-        self.export_dir = check_export_dir(Path(export_dir)) if export_dir is not None else None
+        self.export_dir = check_export_dir(export_dir, _EXPORT_DIR) if export_dir is not None else None
+        self.exported: Path | None = None  # the folder this callback's last fit wrote, if any
         self.export_module = export_module
         self.adapter_only_checkpoints = check_bool(
             "LoRA", "adapter_only_checkpoints", adapter_only_checkpoints
@@ -92,6 +97,10 @@ class LoRA(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         require_supported_strategy(trainer.strategy, "LoRA")
+        if stage == "fit" and self.export_dir is not None:
+            # again, now that the run folder is known (and in case the folder changed since construction)
+            check_export_dir(self.export_dir, _EXPORT_DIR, run_dir=trainer.default_root_dir)
+        self.exported = None
         # LoftQ quantizes the base at injection, in the format the precision plugin would use after it.
         plugin = trainer.precision_plugin
         self.quantization = plugin.config if isinstance(plugin, QLoRAPrecision) else None
@@ -249,6 +258,7 @@ class LoRA(Callback):
             trained = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
             check_finite_state(trained, f"the adapters to {self.export_dir}")
             path = save_peft_adapter(root, self.export_dir, self.config)
+            self.exported = path
             rank_zero_info(f"LoRA: adapters written in PEFT format to {path}")
             if self.config.init == "loftq" and self.config.loftq_iter > 1:
                 from lightning_qlora.lora.loftq import save_loftq_base
@@ -279,20 +289,6 @@ def export_root(pl_module: nn.Module, attribute: str | None = None) -> nn.Module
         return root
     candidate = getattr(pl_module, "model", None)
     return candidate if isinstance(candidate, nn.Module) else pl_module
-
-
-def check_export_dir(path: Path) -> Path:
-    """The adapters are written as a folder: refuse a path that is, or lies under, an existing file."""
-    for folder in (path, *path.parents):
-        if folder.exists():  # (follows links: a link to a folder is written through)
-            if not folder.is_dir():
-                where = "is" if folder == path else f"lies under {str(folder)!r}, which is"
-                raise NotADirectoryError(
-                    f"LoRA export_dir={str(path)!r} {where} an existing file; the adapters are written as a "
-                    "folder (adapter_config.json + adapter_model.safetensors). Pass a new or existing folder."
-                )
-            break
-    return path
 
 
 def _warn_about_trained_modules_outside(pl_module: nn.Module, root: nn.Module) -> None:

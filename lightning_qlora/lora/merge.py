@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_qlora._atomic import atomic_directory
+from lightning_qlora._export_dir import check_export_dir, export_directory
 from lightning_qlora._modules import set_submodule
 from lightning_qlora.lora.adapter import AdapterModule, is_adapter
 from lightning_qlora.lora.inject import adapter_layers
@@ -181,9 +181,13 @@ def save_merged(
     tied weights), so the folder loads with `AutoModel*.from_pretrained`. Any other module is written as
     `model.safetensors` (sharded with an index past `max_shard_size`), loadable with
     `model.load_state_dict(safetensors.torch.load_file(...))` into the unadapted architecture.
+
+    `directory` must be new, empty or an earlier export of this package: it is replaced as a whole, so a
+    folder holding anything else (the working directory, a run folder) is refused (`ExportDirError`).
     """
+    check_export_dir(directory, "save_merged directory")
     state = merged_state_dict(model, dtype, with_adapters)
-    with atomic_directory(directory) as tmp:
+    with export_directory(directory, "save_merged directory", "merged_model") as tmp:
         if callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config"):
             _save_pretrained(model, tmp, state, max_shard_size)
         else:

@@ -21,7 +21,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_qlora._atomic import atomic_directory, recover
+from lightning_qlora._atomic import recover
+from lightning_qlora._export_dir import check_export_dir, export_directory
 from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._names import describe_names, logical_name
 from lightning_qlora.lora.adapter import AdapterModule, is_adapter
@@ -64,7 +65,11 @@ def save_peft_adapter(
     keys are relative to it. Without `config`, rank, alpha, dropout and rsLoRA are read off the layers;
     layers whose rank or alpha differ from the most common one go into `rank_pattern` / `alpha_pattern`
     under their full path, which PEFT's suffix match resolves to exactly that layer.
+
+    `directory` must be new, empty or an earlier export of this package: it is replaced as a whole, so a
+    folder holding anything else (the working directory, a run folder) is refused (`ExportDirError`).
     """
+    check_export_dir(directory, "save_peft_adapter directory")
     layers = [(logical_name(name), layer) for name, layer in adapter_layers(model)]
     saved_modules = _modules_to_save(model, config)
     if not layers and not saved_modules:
@@ -87,7 +92,7 @@ def save_peft_adapter(
     for name, module in saved_modules:
         for key, value in _full_precision_state(module).items():
             tensors[f"{KEY_PREFIX}{name}.{key}"] = value
-    with atomic_directory(directory) as tmp:
+    with export_directory(directory, "save_peft_adapter directory", "peft_adapter") as tmp:
         _write_weights(tmp / WEIGHTS_NAME, _independent_cpu_tensors(tensors))
         _write_config(tmp / CONFIG_NAME, adapter_config)
     return Path(directory)
