@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qlora._export_dir import check_export_dir
+from lightning_qlora._trainer_settings import check_trainer_settings
 from lightning_qlora.cli.callbacks import FitValidation, RunDescription, ValidateAtLastStep
 from lightning_qlora.cli.curves import CurveRecorder
 from lightning_qlora.cli.interrupt import INTERRUPTED_CHECKPOINT, InterruptHandler
@@ -108,6 +109,10 @@ class JobParts:
 def build(cfg: DictConfig) -> JobParts:
     """Precision plugin, LoRA, optimizer, strategy, callbacks, logger, Trainer, then data (read and checked
     line by line) and, last, the model."""
+    with building("trainer"):  # values Lightning accepts but no run can use: before anything is built
+        check_trainer_settings(
+            cfg.trainer.get("accumulate_grad_batches", 1), cfg.trainer.get("gradient_clip_val"), "trainer."
+        )
     with building("precision"):
         precision = instantiate(cfg.precision) if cfg.precision is not None else None
     # The plugin would print its table at each validate and fit; RunDescription prints it once.

@@ -237,12 +237,12 @@ def summarize(
     run_dir = Path(cfg.paths.output_dir)
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
-    adapter_dir = parts.lora.export_dir
+    adapter_dir = parts.lora.exported or interrupt.adapter_dir  # written by this run: never an earlier one
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     resume = None
     if interrupt.checkpoint is not None:
         checkpoint = str(interrupt.checkpoint)
-        resume = resume_command(overrides, interrupt.checkpoint)
+        resume = resume_command(overrides, interrupt.checkpoint, run_dir.resolve())
     curves = _plot(cfg, parts) if trainer.is_global_zero else None
     report = getattr(precision, "report", None)
     compute_dtype = getattr(precision, "compute_dtype", None)

@@ -20,6 +20,7 @@ from lightning_qlora._logging import rank_zero_info, rank_zero_warn
 from lightning_qlora._rng import capture_rng_state, restore_rng_state
 from lightning_qlora._settings import SettingTypeError, check_bool, config_from, signature_with_fields
 from lightning_qlora._train_mode import ensure_training
+from lightning_qlora._trainer_settings import check_trainer_settings
 from lightning_qlora.lora.adapter import adapter_modules
 from lightning_qlora.lora.config import LoRACallbackSettings, LoRAConfig
 from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
@@ -97,10 +98,12 @@ class LoRA(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         require_supported_strategy(trainer.strategy, "LoRA")
-        if stage == "fit" and self.export_dir is not None:
-            # again, now that the run folder is known (and in case the folder changed since construction)
-            check_export_dir(self.export_dir, _EXPORT_DIR, run_dir=trainer.default_root_dir)
-        self.exported = None
+        if stage == "fit":
+            check_trainer_settings(trainer.accumulate_grad_batches, trainer.gradient_clip_val, "Trainer ")
+            self.exported = None
+            if self.export_dir is not None:
+                # again, now that the run folder is known (and in case the folder changed since construction)
+                check_export_dir(self.export_dir, _EXPORT_DIR, run_dir=trainer.default_root_dir)
         # LoftQ quantizes the base at injection, in the format the precision plugin would use after it.
         plugin = trainer.precision_plugin
         self.quantization = plugin.config if isinstance(plugin, QLoRAPrecision) else None

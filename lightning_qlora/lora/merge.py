@@ -15,12 +15,27 @@ from torch import nn
 
 from lightning_qlora._export_dir import check_export_dir, export_directory
 from lightning_qlora._modules import set_submodule
+from lightning_qlora._settings import SettingTypeError
 from lightning_qlora.lora.adapter import AdapterModule, is_adapter
 from lightning_qlora.lora.inject import adapter_layers
 from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR, dequantize_weight, is_linear4bit
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+
+
+_MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_merge_dtype(dtype: object, owner: str) -> None:
+    """A merged weight is `W + scale * B @ A` in floating point: an integer or 8-bit float dtype would
+    round the update away (or wrap), so only the dtypes a model is served in are accepted."""
+    if dtype is None or dtype in _MERGE_DTYPES:
+        return dtype  # type: ignore[return-value]
+    allowed = ", ".join(str(d) for d in _MERGE_DTYPES)
+    raise SettingTypeError(
+        f"{owner} dtype must be one of {allowed} or None (keep each weight's), got {dtype!r}."
+    )
 
 
 def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -34,6 +49,7 @@ def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
     is gone afterwards: `copy.deepcopy` it first to keep it, or use `save_merged`, which leaves it
     untouched.
     """
+    check_merge_dtype(dtype, "merge_adapters")
     if is_adapter(model):
         return _plain_linear(model, dtype)
     for name, module in list(model.named_modules()):
@@ -129,6 +145,7 @@ def merged_state_dict(
     model stay tied (the same tensor under both keys). Without `with_adapters` it is the base the
     adapters sit on (4-bit weights dequantized): what LoftQ's adapters need beside them.
     """
+    check_merge_dtype(dtype, "merged_state_dict")
     state: dict[str, torch.Tensor] = {}
     replaced: list[str] = []
     for name, module in model.named_modules(remove_duplicate=False):
@@ -185,6 +202,7 @@ def save_merged(
     `directory` must be new, empty or an earlier export of this package: it is replaced as a whole, so a
     folder holding anything else (the working directory, a run folder) is refused (`ExportDirError`).
     """
+    check_merge_dtype(dtype, "save_merged")
     check_export_dir(directory, "save_merged directory")
     state = merged_state_dict(model, dtype, with_adapters)
     with export_directory(directory, "save_merged directory", "merged_model") as tmp:

@@ -29,7 +29,12 @@ from lightning_qlora.lora.adapter import AdapterModule, is_adapter
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.dora import DoRALinear, check_magnitudes, load_magnitude, split_magnitudes
 from lightning_qlora.lora.inject import adapter_layers, inject_adapters
-from lightning_qlora.lora.peft_checks import check_adapter_tensors, check_scaling, parse_adapter_config
+from lightning_qlora.lora.peft_checks import (
+    InvalidAdapterError,
+    check_adapter_tensors,
+    check_scaling,
+    parse_adapter_config,
+)
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
     dequantize_weight,
@@ -378,7 +383,13 @@ def read_adapter_weights(directory: str | os.PathLike[str]) -> dict[str, torch.T
     folder = Path(directory)
     path = folder / WEIGHTS_NAME
     if path.is_file():
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors' errors do not name the file (truncated, empty, ...)
+            raise InvalidAdapterError(
+                f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it may be "
+                "truncated or another format. Export the adapters again, or restore the file."
+            ) from err
     if (folder / PICKLE_WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"{path} not found; {folder} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which "

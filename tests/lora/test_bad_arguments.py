@@ -1,0 +1,58 @@
+"""Arguments of the merge and loading functions that used to run (or crash late): refused, nothing changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TinyNet
+
+from lightning_qlora import load_peft_adapter, load_quantized, merge_adapters, save_merged, save_peft_adapter
+from lightning_qlora._settings import SettingTypeError
+from lightning_qlora.lora import LoRAConfig, adapter_layers, inject_adapters, merged_state_dict
+from lightning_qlora.lora.peft_checks import InvalidAdapterError
+from lightning_qlora.quantization import is_linear4bit
+
+
+def adapted_tiny() -> TinyNet:
+    torch.manual_seed(0)
+    model = TinyNet()
+    inject_adapters(model, LoRAConfig(r=4, dropout=0.0))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64, "bfloat16"], ids=str)
+def test_merging_into_a_dtype_that_is_not_a_served_float_is_refused(tmp_path: Path, dtype: object) -> None:
+    model = adapted_tiny()
+    allowed = r"one of torch.float32, torch.bfloat16, torch.float16 or None"
+    with pytest.raises(SettingTypeError, match=rf"save_merged dtype must be {allowed} .*got {dtype!r}"):
+        save_merged(model, tmp_path / "merged", dtype=dtype)  # type: ignore[arg-type]
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(SettingTypeError, match=r"merged_state_dict dtype must be"):
+        merged_state_dict(model, dtype=dtype)  # type: ignore[arg-type]
+    with pytest.raises(SettingTypeError, match=r"merge_adapters dtype must be"):
+        merge_adapters(model, dtype=dtype)  # type: ignore[arg-type]
+    assert len(list(adapter_layers(model))) == 2  # still adapted: nothing was merged
+    save_merged(model, tmp_path / "merged", dtype=torch.bfloat16)  # an allowed one still works
+
+
+def test_load_quantized_with_a_format_name_instead_of_a_config_is_refused() -> None:
+    source = TinyNet()
+    model = TinyNet()
+    with pytest.raises(SettingTypeError, match=r"got 'nf4' \(e.g. QuantizationConfig\(quant_type='nf4'\)\)"):
+        load_quantized(model, source.state_dict(), "nf4")  # type: ignore[arg-type]
+    assert not any(is_linear4bit(m) for m in model.modules())  # nothing replaced
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01garbage", None], ids=["empty", "garbage", "truncated"])
+def test_a_corrupt_adapter_weights_file_is_named(tmp_path: Path, content: bytes | None) -> None:
+    folder = save_peft_adapter(adapted_tiny(), tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100] if content is None else content)
+    fresh = TinyNet()
+    with pytest.raises(
+        InvalidAdapterError, match=rf"{weights} is not a readable safetensors file .*truncated"
+    ):
+        load_peft_adapter(fresh, folder)
+    assert not list(adapter_layers(fresh))  # the model was not touched
