@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickletools
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -180,13 +182,47 @@ def job_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
-    """A checkpoint to resume from must exist now, not after the model loaded."""
+    """A checkpoint to resume from must be one now, not after the model loaded and failed to resume."""
     if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning's own names
         return
-    if not Path(ckpt_path).is_file():
+    path = Path(ckpt_path)
+    if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path} is not a file; pass the .ckpt a run wrote (e.g. <run>/checkpoints/"
             f"{INTERRUPTED_CHECKPOINT}, printed when a run is interrupted)"
+        )
+    check_checkpoint_file(path)
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """An empty, truncated or foreign file, or one without a `state_dict`, refused without unpickling it.
+
+    `torch.save` writes a zip archive whose central directory is at the end (a truncated file has none)
+    and whose `data.pkl` names the top-level keys; the pickle is only scanned for strings, never run.
+    """
+    what = "pass the .ckpt a Lightning run wrote"
+    if path.stat().st_size == 0:
+        raise ValueError(f"ckpt_path={path} is empty (0 bytes); {what}.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"ckpt_path={path} is not a checkpoint torch.save wrote (no zip archive: truncated, or another "
+            f"format); {what}."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.rpartition("/")[2] == "data.pkl"]
+            record = archive.read(pickles[0]) if pickles else b"N."  # an empty pickle: None
+        strings = (
+            {arg for _, arg, _ in pickletools.genops(record) if isinstance(arg, str)} if record else set()
+        )
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ValueError(f"ckpt_path={path} is damaged ({type(err).__name__}: {err}); {what}.") from err
+    if not pickles:
+        raise ValueError(f"ckpt_path={path} holds no data.pkl: not a torch checkpoint; {what}.")
+    if "state_dict" not in strings:
+        raise ValueError(
+            f"ckpt_path={path} has no 'state_dict': it is not a Lightning checkpoint (a plain torch.save of "
+            f"weights?); {what}, or load weights with load_peft_adapter / load_quantized."
         )
 
 

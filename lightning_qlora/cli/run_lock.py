@@ -76,11 +76,21 @@ def unlock_run_folder(folder: str | os.PathLike[str]) -> None:
         handle.close()  # closing the descriptor releases the flock
 
 
-def _lock_or_exit(folder: str) -> None:
+def _lock_or_exit(folder: str, key: str) -> None:
+    """Lock the folder, or say in one line why it cannot be the run's folder (in use, a file, read-only)."""
     try:
         lock_run_folder(folder)
     except RunFolderBusyError as err:
         print(f"Error: {err}", file=sys.stderr, flush=True)
+        sys.exit(LOCKED_EXIT_CODE)
+    except OSError as err:  # the folder (or one above it) is a file, or not writable
+        reason = f"{err.strerror or type(err).__name__}: {err.filename or folder}"
+        print(
+            f"Error: {key}={folder} cannot be the run folder ({reason}); pass a folder this user can "
+            f"write, e.g. {key}=runs/my_run.",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(LOCKED_EXIT_CODE)
 
 
@@ -88,13 +98,13 @@ class RunFolderLock(Callback):
     """Hydra callback: lock the run folder (a multirun: the sweep folder) before Hydra writes to it."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _lock_or_exit(str(config.hydra.run.dir))
+        _lock_or_exit(str(config.hydra.run.dir), "hydra.run.dir")
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         unlock_run_folder(str(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _lock_or_exit(str(config.hydra.sweep.dir))
+        _lock_or_exit(str(config.hydra.sweep.dir), "hydra.sweep.dir")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         unlock_run_folder(str(config.hydra.sweep.dir))

@@ -104,6 +104,14 @@ def inject_adapters(
         r = _pattern_value(name, config.rank_pattern, config.r)
         alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
         plan.append((name, linear, r, alpha))
+    if not plan and not config.modules_to_save and not any(is_adapter(m) for m in model.modules()):
+        linear_names = [logical_name(n) for n, _ in iter_linear_layers(model)]
+        raise PatternMatchError(
+            f"LoRA would adapt no layer of {type(model).__name__}: target_modules="
+            f"{_shown(config.target_modules)} and exclude={_shown(config.exclude)} leave out every linear "
+            f"layer ({describe_names(linear_names)}) and modules_to_save is empty, so nothing would train. "
+            "Narrow exclude or widen target_modules."
+        )
     check_ranks([(name, linear, int(r)) for name, linear, r, _ in plan])
     loftq = check_loftq_ready([p[:2] for p in plan], quantization) if config.init == "loftq" else None
     adapter_class = DoRALinear if config.use_dora else LoRALinear
@@ -135,6 +143,10 @@ def mark_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
             setattr(module, KEEP_FULL_PRECISION_ATTR, True)
             marked.append(name)
     return marked
+
+
+def _shown(patterns: object) -> str:
+    return "None (all)" if patterns is None else repr(list(patterns))  # type: ignore[call-overload]
 
 
 def set_trainable(model: nn.Module) -> None:

@@ -77,3 +77,16 @@ def test_a_second_command_into_a_run_folder_in_use_is_refused(tmp_path: Path) ->
         assert (run_dir / LOCK_NAME).is_file()
     finally:
         unlock_run_folder(run_dir)
+
+
+def test_a_run_folder_that_is_a_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    taken = tmp_path / "results.txt"
+    taken.write_text("the user's results\n")
+    for run_dir in (taken, taken / "run"):
+        proc = run_cli([*SMOKE, f"hydra.run.dir={run_dir}"], tmp_path, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        (line,) = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+        assert line.startswith(f"Error: hydra.run.dir={run_dir} cannot be the run folder (")
+        assert "pass a folder this user can write" in line
+    assert taken.read_text() == "the user's results\n"

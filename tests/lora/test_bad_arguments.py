@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from tiny_models import TinyNet
+from tiny_models import TinyClassifier, TinyNet, toy_loader
 
-from lightning_qlora import load_peft_adapter, load_quantized, merge_adapters, save_merged, save_peft_adapter
+from lightning_qlora import (
+    LoRA,
+    load_peft_adapter,
+    load_quantized,
+    merge_adapters,
+    save_merged,
+    save_peft_adapter,
+)
 from lightning_qlora._settings import SettingTypeError
-from lightning_qlora.lora import LoRAConfig, adapter_layers, inject_adapters, merged_state_dict
+from lightning_qlora.lora import (
+    LoRAConfig,
+    PatternMatchError,
+    adapter_layers,
+    inject_adapters,
+    merged_state_dict,
+)
 from lightning_qlora.lora.peft_checks import InvalidAdapterError
 from lightning_qlora.quantization import is_linear4bit
 
@@ -56,3 +70,16 @@ def test_a_corrupt_adapter_weights_file_is_named(tmp_path: Path, content: bytes 
     ):
         load_peft_adapter(fresh, folder)
     assert not list(adapter_layers(fresh))  # the model was not touched
+
+
+def test_excluding_every_layer_says_so_before_the_first_step(tmp_path: Path) -> None:
+    module = TinyClassifier()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[LoRA(r=4, exclude=("*",))],
+    )  # fmt: skip
+    nothing = r"LoRA would adapt no layer of TinyClassifier: .*exclude=\['\*'\] leave out every linear layer"
+    with pytest.raises(PatternMatchError, match=nothing):
+        trainer.fit(module, toy_loader())
+    assert module.losses == []
+    assert not list(adapter_layers(module))
