@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_qlora._export_dir import check_export_dir
 from lightning_qlora._logging import rank_zero_info, rank_zero_warn
+from lightning_qlora._names import describe_names
 from lightning_qlora._rng import capture_rng_state, restore_rng_state
 from lightning_qlora._settings import SettingTypeError, check_bool, config_from, signature_with_fields
 from lightning_qlora._train_mode import ensure_training
@@ -220,8 +221,30 @@ class LoRA(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        saved = set(checkpoint.get("state_dict", {}))
+        trainable = trainable_state_keys(pl_module)
+        model_keys = set(pl_module.state_dict(keep_vars=True))
+        # Compared before the base fingerprint: adapters on other layers also change which weights are
+        # frozen, and "other base weights" would name the wrong cause.
+        unexpected = sorted(saved - model_keys)
+        missing = sorted(trainable - saved)
+        if unexpected:
+            lacks = f", and lacks {describe_names(missing, 4)}" if missing else ""
+            raise KeyError(
+                f"The checkpoint holds {len(unexpected)} weight(s) this model does not have, e.g. "
+                f"{describe_names(unexpected, 4)}{lacks}: it was written with other LoRA target modules "
+                "(target_modules / exclude / modules_to_save) or another model. Resume with the settings it "
+                "was trained with; nothing was loaded."
+            )
+        frozen = sorted(saved & model_keys - trainable)
+        if frozen and self.adapter_only_checkpoints:
+            raise KeyError(
+                f"The checkpoint carries {len(frozen)} weight(s) of the frozen base, e.g. "
+                f"{describe_names(frozen, 4)}; loading it would overwrite the base this run loaded. Resume "
+                "an adapter-only checkpoint of this run, or pass adapter_only_checkpoints=False to resume a "
+                "full one; nothing was loaded."
+            )
         check_resume(checkpoint.get(CHECKPOINT_KEY), self._base_fingerprint, trainer)
-        missing = sorted(trainable_state_keys(pl_module) - set(checkpoint.get("state_dict", {})))
         if missing:
             raise KeyError(
                 f"The checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. {missing[:4]}: "
