@@ -94,8 +94,16 @@ def inject_adapters(
     require_linear_layers(model)
     mark_modules_to_save(model, config)
     plan = []
+    other_rank = []
     for name, linear in list(iter_linear_layers(model)):
-        if is_adapter(_parent(model, name)):
+        parent = _parent(model, name)
+        if is_adapter(parent):
+            plain = logical_name(name)
+            wanted = int(_pattern_value(plain, config.rank_pattern, config.r))
+            targeted = config.target_modules is None or matches_any(plain, config.target_modules)
+            has = getattr(parent, "r", wanted)
+            if targeted and not matches_any(plain, config.exclude) and has != wanted:
+                other_rank.append(f"{plain!r} (r={has}, asked r={wanted})")
             continue
         if config.target_modules is not None and not matches_any(name, config.target_modules):
             continue
@@ -104,6 +112,13 @@ def inject_adapters(
         r = _pattern_value(name, config.rank_pattern, config.r)
         alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
         plan.append((name, linear, r, alpha))
+    if other_rank:
+        raise ValueError(
+            f"{type(model).__name__} is already adapted with other ranks than this LoRA asks for: "
+            f"{', '.join(other_rank[:4])}{' ...' if len(other_rank) > 4 else ''}. Adapters already in place "
+            "are kept as they are, so the new rank would be ignored. Train a freshly built model for another "
+            "r, or keep the rank the adapters have."
+        )
     if not plan and not config.modules_to_save and not any(is_adapter(m) for m in model.modules()):
         linear_names = [logical_name(n) for n, _ in iter_linear_layers(model)]
         raise PatternMatchError(

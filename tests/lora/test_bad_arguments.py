@@ -11,6 +11,7 @@ from tiny_models import TinyClassifier, TinyNet, toy_loader
 
 from lightning_qlora import (
     LoRA,
+    QLoRAPrecision,
     load_peft_adapter,
     load_quantized,
     merge_adapters,
@@ -83,3 +84,41 @@ def test_excluding_every_layer_says_so_before_the_first_step(tmp_path: Path) -> 
         trainer.fit(module, toy_loader())
     assert module.losses == []
     assert not list(adapter_layers(module))
+
+
+def fit_tiny(module: pl.LightningModule, root: Path, **kwargs: object) -> None:
+    pl.Trainer(
+        accelerator="cpu", max_steps=2, default_root_dir=root, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, **kwargs,  # type: ignore[arg-type]
+    ).fit(module, toy_loader())  # fmt: skip
+
+
+def test_a_second_fit_with_another_rank_is_refused(tmp_path: Path) -> None:
+    module = TinyClassifier()
+    fit_tiny(module, tmp_path, callbacks=[LoRA(r=4)])
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"already adapted with other ranks .*'model.net.0' \(r=4, asked r=8\)"
+    ):
+        fit_tiny(module, tmp_path, callbacks=[LoRA(r=8)])
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    fit_tiny(module, tmp_path, callbacks=[LoRA(r=4)])  # the same rank trains on
+    assert len(module.losses) == 4
+
+
+class TrainsEverything(TinyClassifier):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)  # frozen 4-bit weights included
+
+
+def test_qlora_precision_without_adapters_says_the_quantized_layers_are_frozen(tmp_path: Path) -> None:
+    module = TrainsEverything()
+    frozen = r"holds \d+ 4-bit weight\(s\) .*which are frozen.*Add the LoRA callback"
+    with pytest.raises(ValueError, match=frozen):
+        fit_tiny(module, tmp_path, plugins=[QLoRAPrecision(compute_dtype="float32")])
+    assert module.losses == []
+    with_adapters = TrainsEverything()  # the same optimizer beside LoRA adapters: their frozen base is idle
+    fit_tiny(
+        with_adapters, tmp_path, plugins=[QLoRAPrecision(compute_dtype="float32")], callbacks=[LoRA(r=4)]
+    )
+    assert len(with_adapters.losses) == 2
