@@ -166,12 +166,27 @@ def build(cfg: DictConfig) -> JobParts:
             read_records()
     with building("model"):
         model = instantiate(cfg.model)
+    with building("data.max_length"):  # before training: positions past the model's fail mid-epoch
+        check_max_length(datamodule, model)
     with building("lora.export_module"):  # a wrong name would otherwise fail only after training
         lora.check_export_module(model)
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     return JobParts(
         precision, lora, throughput, fit_validation, interrupt, curves, datamodule, model, loggers, trainer
     )
+
+
+def check_max_length(datamodule: Any, model: Any) -> None:
+    """Refuse a `max_length` beyond the model's position embeddings (`max_position_embeddings`)."""
+    max_length = getattr(datamodule, "max_length", None)
+    network = getattr(model, "model", model)
+    positions = getattr(getattr(network, "config", None), "max_position_embeddings", None)
+    if isinstance(max_length, int) and isinstance(positions, int) and max_length > positions:
+        raise ValueError(
+            f"data.max_length={max_length} is beyond the {positions} positions of the model "
+            f"({type(network).__name__}: max_position_embeddings={positions}); longer examples would fail or "
+            f"read garbage positions. Pass data.max_length={positions} or less."
+        )
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any]:

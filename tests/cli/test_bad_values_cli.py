@@ -60,3 +60,13 @@ def test_an_unusable_ckpt_path_is_refused_before_the_model_loads(
         cfg = compose_train("experiment=smoke_tiny_llama", "logger=none", f"ckpt_path={files[name]}")
         with pytest.raises(SetupError, match=rf"^ckpt_path: ValueError: ckpt_path={files[name]} {message}"):
             build(cfg)
+
+
+def test_max_length_beyond_the_model_positions_is_refused_before_training(
+    compose_train: Callable[..., DictConfig],
+) -> None:
+    cfg = compose_train("experiment=smoke_tiny_llama", "logger=none", "data.max_length=100000")
+    with pytest.raises(
+        SetupError, match=r"^data.max_length: ValueError: data.max_length=100000 is beyond the"
+    ):
+        build(cfg)
