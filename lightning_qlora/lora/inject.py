@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -92,8 +93,41 @@ def inject_adapters(
     `configure_model` has built more of the model.
     """
     require_linear_layers(model)
-    mark_modules_to_save(model, config)
-    plan = []
+    flagged = {id(m) for m in model.modules() if getattr(m, KEEP_FULL_PRECISION_ATTR, False)}
+    mark_modules_to_save(model, config)  # before planning: layers inside modules_to_save are not adapted
+    try:
+        plan, loftq = _plan(model, config, quantization)
+    except BaseException:  # refused: the model is left as it was, flags included
+        for module in model.modules():
+            if id(module) not in flagged and KEEP_FULL_PRECISION_ATTR in vars(module):
+                delattr(module, KEEP_FULL_PRECISION_ATTR)
+        raise
+    adapter_class = DoRALinear if config.use_dora else LoRALinear
+    adapted: dict[str, LoRALinear] = {}
+    for name, linear, r, alpha in plan:
+        layer = adapter_class(
+            linear,
+            r=int(r),
+            alpha=float(alpha),
+            dropout=config.dropout,
+            scaling=config.scaling(int(r), float(alpha)),
+            dtype=config.dtype,
+        )
+        layer.train(linear.training)
+        if loftq is not None and not matches_any(name, loftq.exclude):  # kept full precision: plain init
+            apply_loftq(layer, loftq, config.loftq_iter)
+        set_submodule(model, name, layer)
+        adapted[name] = layer
+    if config.share_sibling_input:
+        group_siblings(adapted)
+    return list(adapted)
+
+
+def _plan(
+    model: nn.Module, config: LoRAConfig, quantization: QuantizationConfig | None
+) -> tuple[list[tuple[str, nn.Linear, float, float]], Any]:
+    """The layers to adapt with their rank and alpha, every check done before any layer is wrapped."""
+    plan: list[tuple[str, nn.Linear, float, float]] = []
     other_rank = []
     for name, linear in list(iter_linear_layers(model)):
         parent = _parent(model, name)
@@ -129,25 +163,7 @@ def inject_adapters(
         )
     check_ranks([(name, linear, int(r)) for name, linear, r, _ in plan])
     loftq = check_loftq_ready([p[:2] for p in plan], quantization) if config.init == "loftq" else None
-    adapter_class = DoRALinear if config.use_dora else LoRALinear
-    adapted: dict[str, LoRALinear] = {}
-    for name, linear, r, alpha in plan:
-        layer = adapter_class(
-            linear,
-            r=int(r),
-            alpha=float(alpha),
-            dropout=config.dropout,
-            scaling=config.scaling(int(r), float(alpha)),
-            dtype=config.dtype,
-        )
-        layer.train(linear.training)
-        if loftq is not None and not matches_any(name, loftq.exclude):  # kept full precision: plain init
-            apply_loftq(layer, loftq, config.loftq_iter)
-        set_submodule(model, name, layer)
-        adapted[name] = layer
-    if config.share_sibling_input:
-        group_siblings(adapted)
-    return list(adapted)
+    return plan, loftq
 
 
 def mark_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:

@@ -28,6 +28,7 @@ from lightning_qlora.lora import (
 )
 from lightning_qlora.lora.peft_checks import InvalidAdapterError
 from lightning_qlora.quantization import is_linear4bit
+from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR
 
 
 def adapted_tiny() -> TinyNet:
@@ -122,3 +123,14 @@ def test_qlora_precision_without_adapters_says_the_quantized_layers_are_frozen(t
         with_adapters, tmp_path, plugins=[QLoRAPrecision(compute_dtype="float32")], callbacks=[LoRA(r=4)]
     )
     assert len(with_adapters.losses) == 2
+
+
+def test_a_refused_injection_leaves_modules_to_save_unmarked() -> None:
+    """modules_to_save are flagged (kept in full precision, trainable) only once every check passed."""
+    model = TinyNet()
+    with pytest.raises(ValueError, match=r"LoRA rank too large"):
+        inject_adapters(model, LoRAConfig(r=10**6, modules_to_save=("lm_head",)))
+    assert KEEP_FULL_PRECISION_ATTR not in vars(model.lm_head)
+    assert not list(adapter_layers(model))
+    inject_adapters(model, LoRAConfig(r=4, modules_to_save=("lm_head",)))
+    assert getattr(model.lm_head, KEEP_FULL_PRECISION_ATTR) is True
