@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from lightning_qlora._atomic import atomic_directory
@@ -68,12 +68,17 @@ def foreign_entries(folder: Path) -> list[str]:
 
 
 def check_export_dir(
-    path: str | os.PathLike[str], what: str, run_dir: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    what: str,
+    run_dir: str | os.PathLike[str] | None = None,
+    written: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Refuse an export folder whose replacement would delete what this package did not write.
 
     `what` names the argument in messages (`LoRA export_dir`); `run_dir` is the run's own folder
-    (checkpoints, logs), which the export may lie inside but must not be, nor contain.
+    (checkpoints, logs), which the export may lie inside but must not be, nor contain. `written` names
+    other folders the run writes to (`{"the checkpoint folder": ...}`), held to the same rule: they may be
+    empty now and fill up during training, before the export replaces them.
     """
     raw = os.fspath(path)
     if raw == "":
@@ -99,6 +104,14 @@ def check_export_dir(
                 f"{what}={raw!r} {where}; an export replaces the whole folder it is given and would delete "
                 f"the run's checkpoints and logs. Pass a folder inside it, e.g. {str(run / 'adapter')!r}, or "
                 "a new folder elsewhere."
+            )
+    for label, other in (written or {}).items():
+        folder = _resolved(Path(other))
+        if _is_within(folder, target):
+            where = f"is {label}" if folder == target else f"contains {label} ({folder})"
+            raise ExportDirError(
+                f"{what}={raw!r} {where}, which the run writes into; the export replaces the whole folder "
+                f"at the end and would delete those files. {new_folder}"
             )
     for folder in (given, *given.parents):
         if folder.exists():  # (follows links: a link to a folder is written through)

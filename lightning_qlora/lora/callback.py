@@ -104,7 +104,9 @@ class LoRA(Callback):
             self.exported = None
             if self.export_dir is not None:
                 # again, now that the run folder is known (and in case the folder changed since construction)
-                check_export_dir(self.export_dir, _EXPORT_DIR, run_dir=trainer.default_root_dir)
+                check_export_dir(
+                    self.export_dir, _EXPORT_DIR, run_dir=trainer.default_root_dir, written=_written(trainer)
+                )
         # LoftQ quantizes the base at injection, in the format the precision plugin would use after it.
         plugin = trainer.precision_plugin
         self.quantization = plugin.config if isinstance(plugin, QLoRAPrecision) else None
@@ -315,6 +317,20 @@ def export_root(pl_module: nn.Module, attribute: str | None = None) -> nn.Module
         return root
     candidate = getattr(pl_module, "model", None)
     return candidate if isinstance(candidate, nn.Module) else pl_module
+
+
+def _written(trainer: pl.Trainer) -> dict[str, str]:
+    """The folders a fit writes into besides the run folder: checkpoints and the loggers' files."""
+    folders: dict[str, str] = {}
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath:
+            folders[f"the checkpoint folder of {type(callback).__name__}"] = str(dirpath)
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if isinstance(log_dir, str) and log_dir:
+            folders[f"the log folder of {type(logger).__name__}"] = log_dir
+    return folders
 
 
 def _warn_about_trained_modules_outside(pl_module: nn.Module, root: nn.Module) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from tiny_models import TinyClassifier, TinyNet, toy_loader
 
 from lightning_qlora import LoRA, save_merged, save_peft_adapter
@@ -181,3 +182,19 @@ def test_an_unwritable_place_is_refused_before_training(tmp_path: Path) -> None:
             LoRA(r=4, export_dir=locked / "adapter")
     finally:
         locked.chmod(0o755)
+
+
+def test_lora_refuses_the_checkpoint_folder_while_it_is_still_empty(tmp_path: Path) -> None:
+    """Empty before training, full of checkpoints by the end, when the export would replace it."""
+    module = TinyClassifier()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, default_root_dir=tmp_path / "run", logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[LoRA(r=4, export_dir=tmp_path / "ckpts"), saver],
+    )  # fmt: skip
+    with pytest.raises(
+        ExportDirError, match=r"is the checkpoint folder of ModelCheckpoint, which the run writes"
+    ):
+        trainer.fit(module, toy_loader())
+    assert module.losses == []
