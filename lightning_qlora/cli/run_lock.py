@@ -23,6 +23,8 @@ LOCK_NAME = ".lightning-qlora.lock"
 LOCKED_EXIT_CODE = 2  # a config error: nothing ran
 
 _held: dict[Path, IO[str]] = {}
+# Set by the launchers Lightning supports (its own, torchrun, SLURM, MPI) in every process but the first.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 class RunFolderBusyError(RuntimeError):
@@ -31,7 +33,7 @@ class RunFolderBusyError(RuntimeError):
 
 def _is_launching_process() -> bool:
     """False in the non-zero ranks of a DDP job (they share the folder of rank 0 by design)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    return all(os.environ.get(name, "0") == "0" for name in _RANK_VARIABLES)
 
 
 def lock_run_folder(folder: str | os.PathLike[str]) -> Path | None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from cli_run import run_cli
+from cli_run import cli_env, run_cli
 
-from lightning_qlora.cli.run_lock import LOCK_NAME, lock_run_folder, unlock_run_folder
+from lightning_qlora.cli.run_lock import LOCK_NAME, RunFolderBusyError, lock_run_folder, unlock_run_folder
 
 SMOKE = [
     "experiment=smoke_tiny_llama", "logger=none", "data.batch_size=4", "data.max_length=24",
@@ -90,3 +92,29 @@ def test_a_run_folder_that_is_a_file_is_refused_in_one_line(tmp_path: Path) -> N
         assert line.startswith(f"Error: hydra.run.dir={run_dir} cannot be the run folder (")
         assert "pass a folder this user can write" in line
     assert taken.read_text() == "the user's results\n"
+
+
+def test_the_lock_of_a_killed_command_is_gone(tmp_path: Path) -> None:
+    """The kernel drops a flock with its process: a run killed with -9 never blocks the folder."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=cli_env()
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        busy = rf"in use by another lightning-qlora command \(pid {holder.pid}\)"
+        with pytest.raises(RunFolderBusyError, match=busy):
+            lock_run_folder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_run_folder(tmp_path) == tmp_path.resolve() / LOCK_NAME
+    unlock_run_folder(tmp_path)
+
+
+HOLD = """
+import sys, time
+from lightning_qlora.cli.run_lock import lock_run_folder
+lock_run_folder(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
