@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from cli_run import run_cli
 
+from lightning_qlora.cli.run_lock import LOCK_NAME
+
 SMOKE = [
     "experiment=smoke_tiny_llama", "logger=none", "data.batch_size=4", "data.max_length=24",
     "trainer.max_steps=2", "trainer.limit_val_batches=1", "model.num_samples_to_generate=0",
@@ -19,11 +21,11 @@ SMOKE = [
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every entry under `root` but what Hydra itself rewrites on each start (`.hydra/`, the job log)."""
+    """Every entry under `root` but what each start of the command writes (`.hydra/`, the log, the lock)."""
     return {
         str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
         for p in sorted(root.rglob("*"))
-        if ".hydra" not in p.relative_to(root).parts and p.suffix != ".log"
+        if ".hydra" not in p.relative_to(root).parts and p.suffix != ".log" and p.name != LOCK_NAME
     }
 
 
