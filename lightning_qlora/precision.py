@@ -19,7 +19,7 @@ from lightning_qlora.quantization.compute_dtype import resolve_compute_dtype
 from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
 from lightning_qlora.quantization.convert import replace_linear_layers, set_compute_dtype
 from lightning_qlora.quantization.cpu_allocator import start_lean_cpu_memory
-from lightning_qlora.quantization.layers import is_linear4bit, quantize_layer
+from lightning_qlora.quantization.layers import is_linear4bit, is_quantized_weight, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
 from lightning_qlora.strategies.support import require_supported_strategy
 
@@ -101,6 +101,7 @@ class QLoRAPrecision(Precision):
             set_compute_dtype(model, self.compute_dtype)
             if self.limit_cpu_heap and device.type == "cpu" and not self._holds_allocator:
                 self._holds_allocator = start_lean_cpu_memory()
+        _refuse_training_quantized_weights(model, optimizers)
         self.report = quantization_report(model)
         if self.log_report:
             rank_zero_info(
@@ -123,6 +124,32 @@ class QLoRAPrecision(Precision):
 QLoRAPrecision.__signature__ = signature_with_fields(  # type: ignore[attr-defined]
     QLoRAPrecision.__init__, QuantizationConfig
 )
+
+
+def _refuse_training_quantized_weights(model: nn.Module, optimizers: list[Optimizer]) -> None:
+    """An optimizer over 4-bit weights with no adapters in the model would train nothing that matters.
+
+    The packed 4-bit weights are frozen (they have no gradient), so without LoRA adapters beside them only
+    the biases and norms would change, silently: say so before the first step.
+    """
+    from lightning_qlora.lora.adapter import is_adapter
+
+    quantized = {
+        id(p)
+        for opt in optimizers
+        for group in opt.param_groups
+        for p in group["params"]
+        if is_quantized_weight(p)
+    }
+    if not quantized or any(is_adapter(m) for m in model.modules()):
+        return
+    names = [name for name, p in model.named_parameters() if id(p) in quantized]
+    raise ValueError(
+        f"The optimizer holds {len(quantized)} 4-bit weight(s) of QLoRAPrecision's quantized linear layers "
+        f"(e.g. {names[:3]}), which are frozen: 4-bit storage has no gradient, so only the rest of the model "
+        "would train. Add the LoRA callback (`Trainer(callbacks=[LoRA()])`) to train adapters beside them, "
+        "or train without QLoRAPrecision."
+    )
 
 
 def _accelerator_device(module: nn.Module) -> torch.device | None:

@@ -16,7 +16,7 @@ import torch
 from tiny_models import TinyNet
 
 from lightning_qlora import _atomic, load_peft_adapter, save_peft_adapter
-from lightning_qlora.lora import LoRAConfig, inject_adapters
+from lightning_qlora.lora import EXPORT_MARKER, LoRAConfig, inject_adapters
 
 
 @pytest.fixture
@@ -46,6 +46,7 @@ def test_exports_get_ordinary_permissions(
     out = save_peft_adapter(adapted_tiny(), tmp_path / "adapter")
     assert mode(out) == folder
     assert {p.name: mode(p) for p in out.iterdir()} == {
+        EXPORT_MARKER: file,
         "adapter_config.json": file,
         "adapter_model.safetensors": file,
     }
@@ -66,7 +67,11 @@ def test_a_symlinked_export_dir_is_written_through(tmp_path: Path, dangling: boo
     save_peft_adapter(adapted_tiny(seed=1), link)
     assert link.is_symlink() and link.resolve() == real  # the link stays, pointing where it did
     assert real.is_dir() and not real.is_symlink()
-    assert sorted(p.name for p in real.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in real.iterdir()) == [
+        EXPORT_MARKER,
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "disk"]  # no leftover beside the link
     assert sorted(p.name for p in real.parent.iterdir()) == ["adapter"]  # nor beside the folder
     fresh = TinyNet()
@@ -80,7 +85,7 @@ KILL_BETWEEN_RENAMES = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from tiny_models import TinyNet
     from lightning_qlora import _atomic, save_peft_adapter
-    from lightning_qlora.lora import LoRAConfig, inject_adapters
+    from lightning_qlora.lora import EXPORT_MARKER, LoRAConfig, inject_adapters
 
     torch.manual_seed(1)
     model = TinyNet()

@@ -51,7 +51,7 @@ class InterruptHandler(Callback):
         self.lora = lora
         self.requested = False
         self.checkpoint: Path | None = None
-        self.adapter_dir: Path | None = None
+        self.adapter_dir: Path | None = None  # where adapters were written after an error, if they were
         self.error: BaseException | None = None
         self._training = False
 
@@ -108,8 +108,6 @@ class InterruptHandler(Callback):
         for callback in trainer.checkpoint_callbacks:  # nor a best-metric save at epoch end (no metric)
             if hasattr(callback, "_save_on_train_epoch_end"):
                 callback._save_on_train_epoch_end = False
-        if self.lora.export_dir is not None:
-            self.adapter_dir = self.lora.export_dir
 
     @override
     def on_exception(
@@ -154,7 +152,22 @@ def hydra_quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def resume_command(overrides: Sequence[str], checkpoint: Path, program: str = "lightning-qlora-train") -> str:
-    """The same job's overrides with `ckpt_path` pointing at the checkpoint, ready to paste in a shell."""
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
-    return shlex.join([program, *kept, f"ckpt_path={hydra_quote(str(checkpoint))}"])
+def resume_command(overrides: Sequence[str], checkpoint: Path, run_dir: Path) -> str:
+    """The command that resumes this job, ready to paste in a shell.
+
+    The interpreter that ran (so the command works where the console script is not on PATH, or a
+    virtual environment is not active), the job's overrides, `ckpt_path` pointing at the checkpoint and
+    `hydra.run.dir` at the run folder, so the resumed run goes on writing where this one did.
+    """
+    replaced = ("ckpt_path", "hydra.run.dir")
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in replaced]
+    return shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "lightning_qlora.cli",
+            *kept,
+            f"ckpt_path={hydra_quote(str(checkpoint))}",
+            f"hydra.run.dir={hydra_quote(str(run_dir))}",
+        ]
+    )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickletools
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_qlora._export_dir import check_export_dir
+from lightning_qlora._trainer_settings import check_trainer_settings
 from lightning_qlora.cli.callbacks import FitValidation, RunDescription, ValidateAtLastStep
 from lightning_qlora.cli.curves import CurveRecorder
 from lightning_qlora.cli.interrupt import INTERRUPTED_CHECKPOINT, InterruptHandler
@@ -107,6 +111,10 @@ class JobParts:
 def build(cfg: DictConfig) -> JobParts:
     """Precision plugin, LoRA, optimizer, strategy, callbacks, logger, Trainer, then data (read and checked
     line by line) and, last, the model."""
+    with building("trainer"):  # values Lightning accepts but no run can use: before anything is built
+        check_trainer_settings(
+            cfg.trainer.get("accumulate_grad_batches", 1), cfg.trainer.get("gradient_clip_val"), "trainer."
+        )
     with building("precision"):
         precision = instantiate(cfg.precision) if cfg.precision is not None else None
     # The plugin would print its table at each validate and fit; RunDescription prints it once.
@@ -115,6 +123,10 @@ def build(cfg: DictConfig) -> JobParts:
         precision.log_report = False
     with building("ckpt_path"):
         check_ckpt_path(cfg.ckpt_path)
+    export_dir = OmegaConf.select(cfg, "lora.export_dir")
+    if export_dir is not None:
+        with building("lora.export_dir"):  # the export replaces its folder: never the run folder or a user's
+            check_export_dir(export_dir, "lora.export_dir", run_dir=cfg.paths.output_dir)
     with building("lora"):
         lora = instantiate(cfg.lora)
     with building("optimizer"):
@@ -154,12 +166,27 @@ def build(cfg: DictConfig) -> JobParts:
             read_records()
     with building("model"):
         model = instantiate(cfg.model)
+    with building("data.max_length"):  # before training: positions past the model's fail mid-epoch
+        check_max_length(datamodule, model)
     with building("lora.export_module"):  # a wrong name would otherwise fail only after training
         lora.check_export_module(model)
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     return JobParts(
         precision, lora, throughput, fit_validation, interrupt, curves, datamodule, model, loggers, trainer
     )
+
+
+def check_max_length(datamodule: Any, model: Any) -> None:
+    """Refuse a `max_length` beyond the model's position embeddings (`max_position_embeddings`)."""
+    max_length = getattr(datamodule, "max_length", None)
+    network = getattr(model, "model", model)
+    positions = getattr(getattr(network, "config", None), "max_position_embeddings", None)
+    if isinstance(max_length, int) and isinstance(positions, int) and max_length > positions:
+        raise ValueError(
+            f"data.max_length={max_length} is beyond the {positions} positions of the model "
+            f"({type(network).__name__}: max_position_embeddings={positions}); longer examples would fail or "
+            f"read garbage positions. Pass data.max_length={positions} or less."
+        )
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any]:
@@ -170,13 +197,47 @@ def job_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
-    """A checkpoint to resume from must exist now, not after the model loaded."""
+    """A checkpoint to resume from must be one now, not after the model loaded and failed to resume."""
     if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning's own names
         return
-    if not Path(ckpt_path).is_file():
+    path = Path(ckpt_path)
+    if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path} is not a file; pass the .ckpt a run wrote (e.g. <run>/checkpoints/"
             f"{INTERRUPTED_CHECKPOINT}, printed when a run is interrupted)"
+        )
+    check_checkpoint_file(path)
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """An empty, truncated or foreign file, or one without a `state_dict`, refused without unpickling it.
+
+    `torch.save` writes a zip archive whose central directory is at the end (a truncated file has none)
+    and whose `data.pkl` names the top-level keys; the pickle is only scanned for strings, never run.
+    """
+    what = "pass the .ckpt a Lightning run wrote"
+    if path.stat().st_size == 0:
+        raise ValueError(f"ckpt_path={path} is empty (0 bytes); {what}.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"ckpt_path={path} is not a checkpoint torch.save wrote (no zip archive: truncated, or another "
+            f"format); {what}."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.rpartition("/")[2] == "data.pkl"]
+            record = archive.read(pickles[0]) if pickles else b"N."  # an empty pickle: None
+        strings = (
+            {arg for _, arg, _ in pickletools.genops(record) if isinstance(arg, str)} if record else set()
+        )
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ValueError(f"ckpt_path={path} is damaged ({type(err).__name__}: {err}); {what}.") from err
+    if not pickles:
+        raise ValueError(f"ckpt_path={path} holds no data.pkl: not a torch checkpoint; {what}.")
+    if "state_dict" not in strings:
+        raise ValueError(
+            f"ckpt_path={path} has no 'state_dict': it is not a Lightning checkpoint (a plain torch.save of "
+            f"weights?); {what}, or load weights with load_peft_adapter / load_quantized."
         )
 
 

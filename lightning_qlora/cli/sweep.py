@@ -1,8 +1,10 @@
 """The table at the end of a multirun: each job's overrides and final metrics, best first.
 
 `SweepTable` is a Hydra callback (registered in `conf/train.yaml` under `hydra.callbacks`). When the sweep
-ends it reads every job folder's `summary.json` (a job that failed has none and is listed as failed),
-writes `sweep.md` and `sweep.json` into the sweep folder and prints the Markdown table.
+ends it reads every job folder's `summary.json` and `failure.json` (written by a job that failed: its
+overrides, the error's last line, its folder), writes `sweep.md` and `sweep.json` into the sweep folder,
+prints the Markdown table and, if a job failed, ends the command with a non-zero status. A failing job does
+not stop the sweep: the training command records it and the remaining jobs run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 SWEEP_MARKDOWN = "sweep.md"
 SWEEP_JSON = "sweep.json"
+FAILURE_JSON = "failure.json"
+FAILED_SWEEP_EXIT_CODE = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 _MAX_DIRNAME = 120
 
@@ -64,6 +68,26 @@ def _job_overrides(job_dir: Path) -> list[str]:
     return [str(o) for o in loaded] if isinstance(loaded, list) else []
 
 
+def record_failed_job(job_dir: str | Path, overrides: Sequence[str], error: str) -> Path:
+    """Write `failure.json` into the job's folder: what the sweep table shows for a job that failed."""
+    from lightning_qlora._atomic import atomic_write_text
+
+    job_dir = Path(job_dir)
+    record = {"overrides": [str(o) for o in overrides], "error": error, "job_dir": str(job_dir)}
+    return atomic_write_text(job_dir / FAILURE_JSON, json.dumps(record, indent=2) + "\n")
+
+
+def _failure(job_dir: Path) -> dict[str, Any] | None:
+    path = job_dir / FAILURE_JSON
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _finite(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
@@ -78,8 +102,10 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if not summary_path.is_file() and not (job_dir / ".hydra").is_dir():
             continue
         row: dict[str, Any] = {"job": job_dir.name, "overrides": _job_overrides(job_dir)}
-        if not summary_path.is_file():
-            rows.append({**row, "status": "failed"})
+        failure = _failure(job_dir)
+        if failure is not None or not summary_path.is_file():
+            error = (failure or {}).get("error") or "no summary.json (killed?)"
+            rows.append({**row, "status": "failed", "error": error, "job_dir": str(job_dir)})
             continue
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         metric, train = summary.get("metric", {}), summary.get("train", {})
@@ -160,7 +186,7 @@ def write_sweep_table(sweep_dir: str | Path) -> tuple[Path, Path] | None:
     rows = collect_rows(sweep_dir)
     if not rows:
         return None
-    table = markdown_table(rows)
+    table = markdown_table(rows) + failures_section(rows)
     md_path, json_path = sweep_dir / SWEEP_MARKDOWN, sweep_dir / SWEEP_JSON
     md_path.write_text(f"# Sweep: {sweep_dir.name}\n\nBest first.\n\n{table}\n", encoding="utf-8")
     json_path.write_text(json.dumps({"jobs": rows}, indent=2, default=str) + "\n", encoding="utf-8")
@@ -168,8 +194,27 @@ def write_sweep_table(sweep_dir: str | Path) -> tuple[Path, Path] | None:
     return md_path, json_path
 
 
+def failures_section(rows: list[dict[str, Any]]) -> str:
+    """Below the table: each failed job's overrides, folder and the last line of its error."""
+    failed = [
+        (row, changed) for row, changed in zip(rows, varying(rows), strict=True) if row["status"] == "failed"
+    ]
+    if not failed:
+        return ""
+    lines = ["", "", f"Failed jobs ({len(failed)}):", ""]
+    for row, changed in failed:
+        lines.append(f"- `{' '.join(changed) or '(defaults)'}` ({row['job_dir']}): {row['error']}")
+    return "\n".join(lines)
+
+
 class SweepTable(Callback):
-    """Hydra callback: the sweep's table when a multirun ends."""
+    """Hydra callback: the sweep's table when a multirun ends; a non-zero exit if a job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_sweep_table(config.hydra.sweep.dir)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if write_sweep_table(sweep_dir) is None:
+            return
+        failed = [row["job"] for row in collect_rows(sweep_dir) if row["status"] == "failed"]
+        if failed:
+            print(f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)}", file=sys.stderr)
+            sys.exit(FAILED_SWEEP_EXIT_CODE)

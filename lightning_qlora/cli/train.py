@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
@@ -58,8 +58,42 @@ def main() -> float | None:
     return entry()  # Hydra composes cfg and passes it
 
 
+class JobConfigError(Exception):
+    """A job refused for its config: `line` is the one line printed, `exit_code` the command's status."""
+
+    def __init__(self, line: str, exit_code: int = SETUP_ERROR_EXIT_CODE) -> None:
+        super().__init__(line)
+        self.line = line
+        self.exit_code = exit_code
+
+
 def hydra_main(cfg: DictConfig) -> float | None:
-    """Hydra entry point: Hydra composes and checks the config; the job is built, trained and summarized."""
+    """Hydra entry point: Hydra composes and checks the config; the job is built, trained and summarized.
+
+    In a sweep a failing job is recorded (`failure.json` in its folder, shown in the sweep table) and the
+    next job runs; the command exits non-zero once the sweep ends. A single run fails as it always did.
+    """
+    sweeping = _in_multirun()
+    try:
+        return _job(cfg)
+    except JobConfigError as err:
+        print(err.line, file=sys.stderr)
+        print("(Set HYDRA_FULL_ERROR=1 for the traceback.)", file=sys.stderr, flush=True)
+        if not sweeping:
+            sys.exit(err.exit_code)
+        _record_failure(cfg, err.line)
+    except Exception as err:
+        if not sweeping:
+            raise
+        import traceback
+
+        print(f"Error executing job {Path(cfg.paths.output_dir).name}:", file=sys.stderr)
+        traceback.print_exc()
+        _record_failure(cfg, _last_line(err))
+    return None
+
+
+def _job(cfg: DictConfig) -> float | None:
     from lightning.pytorch import seed_everything
 
     from lightning_qlora.cli.job import SetupError, build, run_config_errors
@@ -73,7 +107,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except SetupError as err:
         if full_error:
             raise
-        _exit_with_config_error(err)
+        raise _config_error(err) from err
     config_errors = run_config_errors()
     try:
         with parts.interrupt.installed():
@@ -82,42 +116,59 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if full_error:
             raise
         node = next(n for cls, n in config_errors.items() if isinstance(err, cls))
-        _exit_with_config_error(SetupError(node, err))
+        raise _config_error(SetupError(node, err)) from err
     except RuntimeError as err:
         if full_error or _UNUSED_PARAMETERS not in str(err):
             raise
-        _exit_with_unused_parameters(err)
+        raise _unused_parameters_error() from err
     if parts.interrupt.requested:
         _end_sweep_early()
         sys.exit(INTERRUPTED_EXIT_CODE)
     return tuned
 
 
-def _exit_with_config_error(err: SetupError) -> NoReturn:
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _last_line(err: BaseException) -> str:
+    """The error's type and the last non-empty line of its message, as a traceback ends."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
+
+
+def _record_failure(cfg: DictConfig, error: str) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from lightning_qlora.cli.sweep import record_failed_job
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    record_failed_job(cfg.paths.output_dir, overrides, error)
+
+
+def _config_error(err: SetupError) -> JobConfigError:
     """One line naming the config node and the cause, and a non-zero exit."""
-    print(f"Error in config node {err}", file=sys.stderr)
-    print("(Set HYDRA_FULL_ERROR=1 for the traceback.)", file=sys.stderr)
-    sys.exit(SETUP_ERROR_EXIT_CODE)
+    return JobConfigError(f"Error in config node {err}")
 
 
-def _exit_with_unused_parameters(err: RuntimeError) -> NoReturn:
+def _unused_parameters_error() -> JobConfigError:
     """DDP found adapters outside the loss: say which overrides fix it, in one line."""
-    print(
+    return JobConfigError(
         "Error in config node trainer.strategy: under DDP some trainable parameters took no part in the "
         "loss. If that is intended, add `trainer.strategy.find_unused_parameters=true`; otherwise keep "
         "those modules out of LoRA with `lora.exclude=[...]` (the module names are in the traceback: set "
-        "HYDRA_FULL_ERROR=1).",
-        file=sys.stderr,
+        "HYDRA_FULL_ERROR=1)."
     )
-    sys.exit(SETUP_ERROR_EXIT_CODE)
 
 
 def _end_sweep_early() -> None:
     """Ctrl-C in a multirun stops the sweep too; the table still lists the jobs that ran."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if _in_multirun():
         from lightning_qlora.cli.sweep import write_sweep_table
 
         write_sweep_table(HydraConfig.get().sweep.dir)
@@ -186,12 +237,12 @@ def summarize(
     run_dir = Path(cfg.paths.output_dir)
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
-    adapter_dir = parts.lora.export_dir
+    adapter_dir = parts.lora.exported or interrupt.adapter_dir  # written by this run: never an earlier one
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     resume = None
     if interrupt.checkpoint is not None:
         checkpoint = str(interrupt.checkpoint)
-        resume = resume_command(overrides, interrupt.checkpoint)
+        resume = resume_command(overrides, interrupt.checkpoint, run_dir.resolve())
     curves = _plot(cfg, parts) if trainer.is_global_zero else None
     report = getattr(precision, "report", None)
     compute_dtype = getattr(precision, "compute_dtype", None)

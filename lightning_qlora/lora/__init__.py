@@ -30,11 +30,14 @@ _EXPORTS: dict[str, str] = {
     "save_merged": "lightning_qlora.lora.merge",
     "unmerge_in_place": "lightning_qlora.lora.merge",
     "AdapterMismatchError": "lightning_qlora.lora.peft_format",
+    "EXPORT_MARKER": "lightning_qlora._export_dir",
+    "ExportDirError": "lightning_qlora._export_dir",
     "load_peft_adapter": "lightning_qlora.lora.peft_format",
     "save_peft_adapter": "lightning_qlora.lora.peft_format",
 }
 
 if TYPE_CHECKING:
+    from lightning_qlora._export_dir import EXPORT_MARKER, ExportDirError
     from lightning_qlora.lora.adapter import (
         AdapterModule,
         adapter_modules,
@@ -67,10 +70,12 @@ __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
 
 
 __all__ = [
+    "EXPORT_MARKER",
     "AdapterMismatchError",
     "AdapterModule",
     "AdapterSummary",
     "DoRALinear",
+    "ExportDirError",
     "LoRA",
     "LoRAConfig",
     "LoRALinear",

@@ -15,10 +15,13 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_qlora._export_dir import check_export_dir
 from lightning_qlora._logging import rank_zero_info, rank_zero_warn
+from lightning_qlora._names import describe_names
 from lightning_qlora._rng import capture_rng_state, restore_rng_state
 from lightning_qlora._settings import SettingTypeError, check_bool, config_from, signature_with_fields
 from lightning_qlora._train_mode import ensure_training
+from lightning_qlora._trainer_settings import check_trainer_settings
 from lightning_qlora.lora.adapter import adapter_modules, set_trainable_params
 from lightning_qlora.lora.config import LoRACallbackSettings, LoRAConfig
 from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
@@ -32,6 +35,7 @@ from lightning_qlora.strategies.support import require_supported_strategy
 
 _OWN = LoRACallbackSettings()  # the defaults of the callback's own arguments
 _OWN_ARGUMENTS = tuple(f.name for f in fields(LoRACallbackSettings))
+_EXPORT_DIR = "LoRA export_dir"
 
 
 class LoRA(Callback):
@@ -44,7 +48,9 @@ class LoRA(Callback):
     Args:
         config: the adapters' settings (`LoRAConfig`); its defaults are the QLoRA paper's (r=64, alpha=16,
             dropout 0.1, every linear layer but the LM head).
-        export_dir: if set, the adapters are written there in PEFT's format when fit ends (rank 0 only).
+        export_dir: if set, the adapters are written there in PEFT's format when fit ends (rank 0 only). The
+            folder is replaced as a whole, so it must be new, empty or an earlier export of this package
+            (which leaves a `.lightning-qlora-export` marker); anything else is refused at once.
         export_module: attribute of the LightningModule that is the base model PEFT would wrap; by default
             its `model` attribute if there is one, else the LightningModule itself; "." names the
             LightningModule (for a head that lives outside `model`, so it is exported too).
@@ -77,7 +83,8 @@ class LoRA(Callback):
                 f"LoRA export_module must be an attribute name, '.' or None, got {export_module!r}."
             )
         self._check_exclude = tuple(self.config.exclude) != DEFAULT_EXCLUDE
-        self.export_dir = check_export_dir(Path(export_dir)) if export_dir is not None else None
+        self.export_dir = check_export_dir(export_dir, _EXPORT_DIR) if export_dir is not None else None
+        self.exported: Path | None = None  # the folder this callback's last fit wrote, if any
         self.export_module = export_module
         self.adapter_only_checkpoints = check_bool(
             "LoRA", "adapter_only_checkpoints", adapter_only_checkpoints
@@ -92,6 +99,14 @@ class LoRA(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         require_supported_strategy(trainer.strategy, "LoRA")
+        if stage == "fit":
+            check_trainer_settings(trainer.accumulate_grad_batches, trainer.gradient_clip_val, "Trainer ")
+            self.exported = None
+            if self.export_dir is not None:
+                # again, now that the run folder is known (and in case the folder changed since construction)
+                check_export_dir(
+                    self.export_dir, _EXPORT_DIR, run_dir=trainer.default_root_dir, written=_written(trainer)
+                )
         # LoftQ quantizes the base at injection, in the format the precision plugin would use after it.
         plugin = trainer.precision_plugin
         self.quantization = plugin.config if isinstance(plugin, QLoRAPrecision) else None
@@ -208,8 +223,30 @@ class LoRA(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        saved = set(checkpoint.get("state_dict", {}))
+        trainable = trainable_state_keys(pl_module)
+        model_keys = set(pl_module.state_dict(keep_vars=True))
+        # Compared before the base fingerprint: adapters on other layers also change which weights are
+        # frozen, and "other base weights" would name the wrong cause.
+        unexpected = sorted(saved - model_keys)
+        missing = sorted(trainable - saved)
+        if unexpected:
+            lacks = f", and lacks {describe_names(missing, 4)}" if missing else ""
+            raise KeyError(
+                f"The checkpoint holds {len(unexpected)} weight(s) this model does not have, e.g. "
+                f"{describe_names(unexpected, 4)}{lacks}: it was written with other LoRA target modules "
+                "(target_modules / exclude / modules_to_save) or another model. Resume with the settings it "
+                "was trained with; nothing was loaded."
+            )
+        frozen = sorted(saved & model_keys - trainable)
+        if frozen and self.adapter_only_checkpoints:
+            raise KeyError(
+                f"The checkpoint carries {len(frozen)} weight(s) of the frozen base, e.g. "
+                f"{describe_names(frozen, 4)}; loading it would overwrite the base this run loaded. Resume "
+                "an adapter-only checkpoint of this run, or pass adapter_only_checkpoints=False to resume a "
+                "full one; nothing was loaded."
+            )
         check_resume(checkpoint.get(CHECKPOINT_KEY), self._base_fingerprint, trainer)
-        missing = sorted(trainable_state_keys(pl_module) - set(checkpoint.get("state_dict", {})))
         if missing:
             raise KeyError(
                 f"The checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. {missing[:4]}: "
@@ -249,6 +286,7 @@ class LoRA(Callback):
             trained = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
             check_finite_state(trained, f"the adapters to {self.export_dir}")
             path = save_peft_adapter(root, self.export_dir, self.config)
+            self.exported = path
             rank_zero_info(f"LoRA: adapters written in PEFT format to {path}")
             if self.config.init == "loftq" and self.config.loftq_iter > 1:
                 from lightning_qlora.lora.loftq import save_loftq_base
@@ -281,18 +319,18 @@ def export_root(pl_module: nn.Module, attribute: str | None = None) -> nn.Module
     return candidate if isinstance(candidate, nn.Module) else pl_module
 
 
-def check_export_dir(path: Path) -> Path:
-    """The adapters are written as a folder: refuse a path that is, or lies under, an existing file."""
-    for folder in (path, *path.parents):
-        if folder.exists():  # (follows links: a link to a folder is written through)
-            if not folder.is_dir():
-                where = "is" if folder == path else f"lies under {str(folder)!r}, which is"
-                raise NotADirectoryError(
-                    f"LoRA export_dir={str(path)!r} {where} an existing file; the adapters are written as a "
-                    "folder (adapter_config.json + adapter_model.safetensors). Pass a new or existing folder."
-                )
-            break
-    return path
+def _written(trainer: pl.Trainer) -> dict[str, str]:
+    """The folders a fit writes into besides the run folder: checkpoints and the loggers' files."""
+    folders: dict[str, str] = {}
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath:
+            folders[f"the checkpoint folder of {type(callback).__name__}"] = str(dirpath)
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if isinstance(log_dir, str) and log_dir:
+            folders[f"the log folder of {type(logger).__name__}"] = log_dir
+    return folders
 
 
 def _warn_about_trained_modules_outside(pl_module: nn.Module, root: nn.Module) -> None:

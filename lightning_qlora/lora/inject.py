@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -79,20 +80,15 @@ def inject_adapters(
     `configure_model` has built more of the model.
     """
     require_linear_layers(model)
-    mark_modules_to_save(model, config)
-    plan = []
-    for name, linear in list(iter_linear_layers(model)):
-        if is_adapter(_parent(model, name)):
-            continue
-        if config.target_modules is not None and not matches_any(name, config.target_modules):
-            continue
-        if matches_any(name, config.exclude):
-            continue
-        r = _pattern_value(name, config.rank_pattern, config.r)
-        alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
-        plan.append((name, linear, r, alpha))
-    check_ranks([(name, linear, int(r)) for name, linear, r, _ in plan])
-    loftq = check_loftq_ready([p[:2] for p in plan], quantization) if config.init == "loftq" else None
+    flagged = {id(m) for m in model.modules() if getattr(m, KEEP_FULL_PRECISION_ATTR, False)}
+    mark_modules_to_save(model, config)  # before planning: layers inside modules_to_save are not adapted
+    try:
+        plan, loftq = _plan(model, config, quantization)
+    except BaseException:  # refused: the model is left as it was, flags included
+        for module in model.modules():
+            if id(module) not in flagged and KEEP_FULL_PRECISION_ATTR in vars(module):
+                delattr(module, KEEP_FULL_PRECISION_ATTR)
+        raise
     adapter_class = DoRALinear if config.use_dora else LoRALinear
     adapted: dict[str, LoRALinear] = {}
     for name, linear, r, alpha in plan:
@@ -114,6 +110,49 @@ def inject_adapters(
     return list(adapted)
 
 
+def _plan(
+    model: nn.Module, config: LoRAConfig, quantization: QuantizationConfig | None
+) -> tuple[list[tuple[str, nn.Linear, float, float]], Any]:
+    """The layers to adapt with their rank and alpha, every check done before any layer is wrapped."""
+    plan: list[tuple[str, nn.Linear, float, float]] = []
+    other_rank = []
+    for name, linear in list(iter_linear_layers(model)):
+        parent = _parent(model, name)
+        if is_adapter(parent):
+            plain = logical_name(name)
+            wanted = int(_pattern_value(plain, config.rank_pattern, config.r))
+            targeted = config.target_modules is None or matches_any(plain, config.target_modules)
+            has = getattr(parent, "r", wanted)
+            if targeted and not matches_any(plain, config.exclude) and has != wanted:
+                other_rank.append(f"{plain!r} (r={has}, asked r={wanted})")
+            continue
+        if config.target_modules is not None and not matches_any(name, config.target_modules):
+            continue
+        if matches_any(name, config.exclude):
+            continue
+        r = _pattern_value(name, config.rank_pattern, config.r)
+        alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
+        plan.append((name, linear, r, alpha))
+    if other_rank:
+        raise ValueError(
+            f"{type(model).__name__} is already adapted with other ranks than this LoRA asks for: "
+            f"{', '.join(other_rank[:4])}{' ...' if len(other_rank) > 4 else ''}. Adapters already in place "
+            "are kept as they are, so the new rank would be ignored. Train a freshly built model for another "
+            "r, or keep the rank the adapters have."
+        )
+    if not plan and not config.modules_to_save and not any(is_adapter(m) for m in model.modules()):
+        linear_names = [logical_name(n) for n, _ in iter_linear_layers(model)]
+        raise PatternMatchError(
+            f"LoRA would adapt no layer of {type(model).__name__}: target_modules="
+            f"{_shown(config.target_modules)} and exclude={_shown(config.exclude)} leave out every linear "
+            f"layer ({describe_names(linear_names)}) and modules_to_save is empty, so nothing would train. "
+            "Narrow exclude or widen target_modules."
+        )
+    check_ranks([(name, linear, int(r)) for name, linear, r, _ in plan])
+    loftq = check_loftq_ready([p[:2] for p in plan], quantization) if config.init == "loftq" else None
+    return plan, loftq
+
+
 def mark_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Flag `modules_to_save` so the quantizer keeps them in full precision and they stay trainable."""
     marked = []
@@ -122,6 +161,10 @@ def mark_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
             setattr(module, KEEP_FULL_PRECISION_ATTR, True)
             marked.append(name)
     return marked
+
+
+def _shown(patterns: object) -> str:
+    return "None (all)" if patterns is None else repr(list(patterns))  # type: ignore[call-overload]
 
 
 def check_ranks(plan: list[tuple[str, nn.Module, int]]) -> None:

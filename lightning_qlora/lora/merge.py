@@ -13,13 +13,28 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_qlora._atomic import atomic_directory
+from lightning_qlora._export_dir import check_export_dir, export_directory
 from lightning_qlora._modules import set_submodule
+from lightning_qlora._settings import SettingTypeError
 from lightning_qlora.lora.adapter import AdapterModule, adapter_modules, is_adapter
 from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR, dequantize_weight, is_linear4bit
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+
+
+_MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_merge_dtype(dtype: object, owner: str) -> None:
+    """A merged weight is `W + scale * B @ A` in floating point: an integer or 8-bit float dtype would
+    round the update away (or wrap), so only the dtypes a model is served in are accepted."""
+    if dtype is None or dtype in _MERGE_DTYPES:
+        return dtype  # type: ignore[return-value]
+    allowed = ", ".join(str(d) for d in _MERGE_DTYPES)
+    raise SettingTypeError(
+        f"{owner} dtype must be one of {allowed} or None (keep each weight's), got {dtype!r}."
+    )
 
 
 def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -33,6 +48,7 @@ def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
     is gone afterwards: `copy.deepcopy` it first to keep it, or use `save_merged`, which leaves it
     untouched.
     """
+    check_merge_dtype(dtype, "merge_adapters")
     if is_adapter(model):
         return _plain_linear(model, dtype)
     for name, module in list(model.named_modules()):
@@ -128,6 +144,7 @@ def merged_state_dict(
     model stay tied (the same tensor under both keys). Without `with_adapters` it is the base the
     adapters sit on (4-bit weights dequantized): what LoftQ's adapters need beside them.
     """
+    check_merge_dtype(dtype, "merged_state_dict")
     state: dict[str, torch.Tensor] = {}
     replaced: list[str] = []
     for name, module in model.named_modules(remove_duplicate=False):
@@ -180,9 +197,14 @@ def save_merged(
     tied weights), so the folder loads with `AutoModel*.from_pretrained`. Any other module is written as
     `model.safetensors` (sharded with an index past `max_shard_size`), loadable with
     `model.load_state_dict(safetensors.torch.load_file(...))` into the unadapted architecture.
+
+    `directory` must be new, empty or an earlier export of this package: it is replaced as a whole, so a
+    folder holding anything else (the working directory, a run folder) is refused (`ExportDirError`).
     """
+    check_merge_dtype(dtype, "save_merged")
+    check_export_dir(directory, "save_merged directory")
     state = merged_state_dict(model, dtype, with_adapters)
-    with atomic_directory(directory) as tmp:
+    with export_directory(directory, "save_merged directory", "merged_model") as tmp:
         if callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config"):
             _save_pretrained(model, tmp, state, max_shard_size)
         else:

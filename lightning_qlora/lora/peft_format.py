@@ -21,14 +21,20 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_qlora._atomic import atomic_directory, recover
+from lightning_qlora._atomic import recover
+from lightning_qlora._export_dir import check_export_dir, export_directory
 from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._names import describe_names, logical_name
 from lightning_qlora.lora.adapter import AdapterModule, adapter_modules, is_adapter
 from lightning_qlora.lora.config import LoRAConfig
 from lightning_qlora.lora.dora import DoRALinear, check_magnitudes, load_magnitude, split_magnitudes
 from lightning_qlora.lora.inject import inject_adapters
-from lightning_qlora.lora.peft_checks import check_adapter_tensors, check_scaling, parse_adapter_config
+from lightning_qlora.lora.peft_checks import (
+    InvalidAdapterError,
+    check_adapter_tensors,
+    check_scaling,
+    parse_adapter_config,
+)
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
     dequantize_weight,
@@ -64,7 +70,11 @@ def save_peft_adapter(
     keys are relative to it. Without `config`, rank, alpha, dropout and rsLoRA are read off the layers;
     layers whose rank or alpha differ from the most common one go into `rank_pattern` / `alpha_pattern`
     under their full path, which PEFT's suffix match resolves to exactly that layer.
+
+    `directory` must be new, empty or an earlier export of this package: it is replaced as a whole, so a
+    folder holding anything else (the working directory, a run folder) is refused (`ExportDirError`).
     """
+    check_export_dir(directory, "save_peft_adapter directory")
     layers = [(logical_name(name), layer) for name, layer in adapter_modules(model)]
     saved_modules = _modules_to_save(model, config)
     if not layers and not saved_modules:
@@ -87,7 +97,7 @@ def save_peft_adapter(
     for name, module in saved_modules:
         for key, value in _full_precision_state(module).items():
             tensors[f"{KEY_PREFIX}{name}.{key}"] = value
-    with atomic_directory(directory) as tmp:
+    with export_directory(directory, "save_peft_adapter directory", "peft_adapter") as tmp:
         _write_weights(tmp / WEIGHTS_NAME, _independent_cpu_tensors(tensors))
         _write_config(tmp / CONFIG_NAME, adapter_config)
     return Path(directory)
@@ -373,7 +383,13 @@ def read_adapter_weights(directory: str | os.PathLike[str]) -> dict[str, torch.T
     folder = Path(directory)
     path = folder / WEIGHTS_NAME
     if path.is_file():
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors' errors do not name the file (truncated, empty, ...)
+            raise InvalidAdapterError(
+                f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it may be "
+                "truncated or another format. Export the adapters again, or restore the file."
+            ) from err
     if (folder / PICKLE_WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"{path} not found; {folder} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which "

@@ -54,8 +54,26 @@ def precision_setup(trainer: pl.Trainer) -> dict[str, Any]:
     return {"plugin": type(plugin).__name__, **{k: str(v) for k, v in settings.items() if k in keep}}
 
 
+def optimizer_setup(trainer: pl.Trainer) -> str | None:
+    """The optimizer a QLoRA strategy builds (its canonical name); None for the module's own optimizer."""
+    strategy = trainer.strategy
+    config = getattr(strategy, "optimizer_config", None)
+    name = getattr(config, "name", None)
+    if not isinstance(name, str):
+        return None
+    if getattr(strategy, "_user_configure_optimizers", False) and not getattr(
+        strategy, "force_optimizer", False
+    ):
+        return None  # the LightningModule's configure_optimizers builds it: not ours to compare
+    return {"paged_adamw_32bit": "paged_adamw"}.get(name, name)
+
+
 def resume_record(fingerprint: str | None, trainer: pl.Trainer) -> dict[str, Any]:
-    return {"base_fingerprint": fingerprint, "precision": precision_setup(trainer)}
+    return {
+        "base_fingerprint": fingerprint,
+        "precision": precision_setup(trainer),
+        "optimizer": optimizer_setup(trainer),
+    }
 
 
 def check_resume(saved: Mapping[str, Any] | None, fingerprint: str | None, trainer: pl.Trainer) -> None:
@@ -68,6 +86,15 @@ def check_resume(saved: Mapping[str, Any] | None, fingerprint: str | None, train
             f"The checkpoint was written with precision {then} and this run has {now}: its adapters were "
             "trained on a base stored that way. Resume with the same precision plugin (e.g. "
             "`plugins=[QLoRAPrecision()]`, or the same `precision=` option of the command)."
+        )
+    optimizer_then, optimizer_now = saved.get("optimizer"), optimizer_setup(trainer)
+    if optimizer_then and optimizer_now and optimizer_then != optimizer_now:
+        raise ResumeMismatchError(
+            f"The checkpoint holds {optimizer_then}'s optimizer state and this run builds {optimizer_now}: "
+            "the state does not carry over (it fails to load, or loads as the wrong kind and trains on "
+            "silently). "
+            f"Resume with the checkpoint's optimizer (optimizer={optimizer_then}, or "
+            f"OptimizerConfig(name={optimizer_then!r})), or start a new run from the exported adapters."
         )
     before = saved.get("base_fingerprint")
     if before and fingerprint and before != fingerprint:

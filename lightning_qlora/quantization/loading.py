@@ -19,7 +19,7 @@ from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._memory import release_freed_memory
 from lightning_qlora._modules import set_submodule
 from lightning_qlora._names import BASE_LAYER, describe_names
-from lightning_qlora._settings import check_bool
+from lightning_qlora._settings import SettingTypeError, check_bool
 from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
 from lightning_qlora.quantization.convert import (
     quantization_targets,
@@ -62,6 +62,12 @@ def load_quantized(
     blocks that training's activations refill, leaving training's peak to chance (benchmarks/README.md).
     """
     limit_cpu_heap = check_bool("load_quantized", "limit_cpu_heap", limit_cpu_heap)
+    if config is not None and not isinstance(config, QuantizationConfig):
+        hint = f" (e.g. QuantizationConfig(quant_type={config!r}))" if isinstance(config, str) else ""
+        raise SettingTypeError(
+            f"load_quantized config must be a QuantizationConfig or None (NF4 with double quantization), "
+            f"got {config!r}{hint}."
+        )
     config = config or QuantizationConfig()
     device = torch.device(device)
     require_linear_layers(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from lightning_qlora._logging import rank_zero_info
+from lightning_qlora._logging import rank_zero_info, rank_zero_warn
 from lightning_qlora._names import describe_names
 from lightning_qlora._settings import check_bool, check_number, config_from
 from lightning_qlora._train_mode import ensure_training
@@ -152,7 +153,10 @@ class _PagedOptimizerMixin(Strategy):
             )
         config = self.optimizer_config
         optimizer = build_optimizer(params, config)
-        total = trainer.estimated_stepping_batches if _needs_total_steps(config) else None
+        total = (
+            trainer.estimated_stepping_batches if _needs_total_steps(config) or config.warmup_steps else None
+        )
+        _warn_if_warmup_outlasts_the_run(config, total)
         scheduler = build_scheduler(optimizer, config, total)
         if config.is_paged and any(p.device.type == "cpu" for p in params):
             self._unpaged_optimizers.append(optimizer)
@@ -257,6 +261,18 @@ class _PagedOptimizerMixin(Strategy):
     def teardown(self) -> None:
         self._restore_module()
         super().teardown()
+
+
+def _warn_if_warmup_outlasts_the_run(config: OptimizerConfig, total: float | int | None) -> None:
+    """A warmup as long as the run never reaches the learning rate asked for: say so (it may be a test)."""
+    warmup = config.warmup_steps
+    if not warmup or total is None or not math.isfinite(float(total)) or warmup < total:
+        return
+    rank_zero_warn(
+        f"warmup_steps={warmup} is not shorter than the run's {int(total)} optimizer steps: the learning "
+        f"rate rises for the whole run and never reaches lr={config.lr:g}. Lower warmup_steps, or use "
+        "warmup_ratio."
+    )
 
 
 def _needs_total_steps(config: OptimizerConfig) -> bool:

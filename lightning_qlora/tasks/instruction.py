@@ -32,7 +32,7 @@ from .classification import (
     load_tokenizer,
     pad_sequences,
 )
-from .data_files import RecordSchema
+from .data_files import DataError, RecordSchema
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -248,6 +248,12 @@ class InstructionDataModule(JsonlDataModule):
         """The checked records; with ``chat_template``, also refuse a tokenizer without one (before a model
         loads: the training command reads the data first)."""
         records = super().read_records()
+        for split, data in records.items():
+            if len(data) and not any(str(output).strip() for output in data["output"]):
+                raise DataError(
+                    f'{self.data_dir}: every {split} record\'s "output" is empty, so there is nothing to '
+                    "learn (the loss is on the response alone). Fill in the outputs, or remove those records."
+                )
         if self.chat_template:
             format_chat_prompt({"instruction": ""}, self.tokenizer)
         return records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def test_a_diverging_run_exits_non_zero_and_keeps_the_good_export(tmp_path: Path
     assert bad.returncode != 0
     assert "DivergenceError: Training diverged at optimizer step 2" in bad.stderr
     assert digest(export) == before
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["adapter_dir"] is None  # the export there is the earlier run's, not this one's
     assert not list(tmp_path.glob(".adapter.*"))  # no leftover temporary folder next to it
 
 

@@ -49,7 +49,7 @@ def test_export_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path: P
     run_dir, existing = tmp_path / "run", tmp_path / "adapter.bin"
     existing.write_bytes(b"something else")
     proc = run_cli([*SMOKE, f"lora.export_dir={existing}", f"hydra.run.dir={run_dir}"], tmp_path)
-    line = refusal(proc, "lora")
+    line = refusal(proc, "lora.export_dir")
     assert "NotADirectoryError" in line and "is an existing file" in line
     assert existing.read_bytes() == b"something else"
     assert untrained(run_dir)

@@ -92,14 +92,16 @@ def test_resume_command_survives_the_shell_and_hydra() -> None:
     """A sweep job's folder holds `=` and `,`: the printed ckpt_path must not read as a sweep."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    checkpoint = Path("/runs/multirun/0_lora.r=4,optimizer.lr=0.001/checkpoints/interrupted.ckpt")
-    command = resume_command(["lora.r=4", "optimizer.lr=0.001", "ckpt_path=old.ckpt"], checkpoint)
-    args = shlex.split(command)
-    assert args[:3] == ["lightning-qlora-train", "lora.r=4", "optimizer.lr=0.001"]
-    (override,) = OverridesParser.create().parse_overrides(args[3:])
-    assert override.key_or_group == "ckpt_path"
-    assert not override.is_sweep_override()
-    assert override.value() == str(checkpoint)
+    run_dir = Path("/runs/multirun/0_lora.r=4,optimizer.lr=0.001")
+    checkpoint = run_dir / "checkpoints" / "interrupted.ckpt"
+    overrides = ["lora.r=4", "optimizer.lr=0.001", "ckpt_path=old.ckpt", "hydra.run.dir=elsewhere"]
+    args = shlex.split(resume_command(overrides, checkpoint, run_dir))
+    # the interpreter that ran, so the command works without the console script on PATH
+    assert args[:5] == [sys.executable, "-m", "lightning_qlora.cli", "lora.r=4", "optimizer.lr=0.001"]
+    parsed = OverridesParser.create().parse_overrides(args[5:])
+    assert [o.key_or_group for o in parsed] == ["ckpt_path", "hydra.run.dir"]  # the run folder is kept
+    assert not any(o.is_sweep_override() for o in parsed)
+    assert [o.value() for o in parsed] == [str(checkpoint), str(run_dir)]
 
 
 def _summary(run_dir: Path) -> dict:
@@ -132,16 +134,19 @@ def test_ctrl_c_keeps_a_loadable_adapter_and_a_checkpoint_that_resumes(tmp_path:
     peft_model = PeftModel.from_pretrained(CausalLMInstructionModule().model, str(adapter))
     assert any("lora_A" in name for name, _ in peft_model.named_parameters())
 
-    resumed_dir = tmp_path / "resumed"
-    resume_args = [
-        a for a in shlex.split(summary["resume_command"])[1:] if not a.startswith("+callbacks.sigint")
-    ]
-    proc = run_cli([*resume_args, f"hydra.run.dir={resumed_dir}"], cwd=tmp_path)
+    # the printed command as a user pastes it (less the test's Ctrl-C): it resumes in the same run folder
+    command = [a for a in shlex.split(summary["resume_command"]) if not a.startswith("+callbacks.sigint")]
+    assert command[:3] == [sys.executable, "-m", "lightning_qlora.cli"]
+    interrupted_adapter = (adapter / "adapter_model.safetensors").read_bytes()
+    proc = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = _summary(resumed_dir)
-    assert resumed["interrupted"] is False
+    resumed = _summary(run_dir)
+    assert resumed["interrupted"] is False and resumed["run_dir"] == str(run_dir)
     assert resumed["train"]["steps"] == 4
     assert resumed["train"]["tokens"] < summary["train"]["tokens"] * 4 / stopped_at  # only the rest ran
+    assert resumed["adapter_dir"] == str(adapter)
+    assert (adapter / "adapter_model.safetensors").read_bytes() != interrupted_adapter  # the later export
+    assert checkpoint.is_file()
 
 
 @pytest.mark.slow

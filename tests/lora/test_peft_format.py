@@ -21,7 +21,9 @@ from transformers import LlamaForSequenceClassification
 
 from lightning_qlora import _atomic, load_peft_adapter, save_peft_adapter
 from lightning_qlora.lora import (
+    EXPORT_MARKER,
     AdapterMismatchError,
+    ExportDirError,
     LoRAConfig,
     adapter_modules,
     inject_adapters,
@@ -400,10 +402,14 @@ def test_crash_mid_write_keeps_the_good_folder(
     if not exchange:
         monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
 
-    (folder / "stale.txt").write_text("from an older export")
-    save_peft_adapter(model, folder, config)
+    (folder / "notes.txt").write_text("the user's own")  # a file no export wrote: never replaced
+    with pytest.raises(ExportDirError, match=r"holds files no export of lightning-qlora wrote \(notes.txt\)"):
+        save_peft_adapter(model, folder, config)
+    assert _snapshot(folder) == {**good, "notes.txt": b"the user's own"}
+    (folder / "notes.txt").unlink()
+    save_peft_adapter(model, folder, config)  # an earlier export alone: replaced
     assert _snapshot(folder) != good
-    assert sorted(_snapshot(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(_snapshot(folder)) == [EXPORT_MARKER, "adapter_config.json", "adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 

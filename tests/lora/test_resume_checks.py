@@ -14,7 +14,14 @@ from lightning_qlora import LoRA, QLoRAPrecision
 from lightning_qlora.lora.resume_checks import ResumeMismatchError
 
 
-def fit(tmp_path: Path, steps: int, seed: int, qlora: bool = True, ckpt_path: Path | None = None) -> Path:
+def fit(
+    tmp_path: Path,
+    steps: int,
+    seed: int,
+    qlora: bool = True,
+    ckpt_path: Path | None = None,
+    **lora: object,
+) -> Path:
     torch.manual_seed(seed)  # the base model's weights
     module = TinyClassifier()
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
@@ -22,7 +29,7 @@ def fit(tmp_path: Path, steps: int, seed: int, qlora: bool = True, ckpt_path: Pa
         accelerator="cpu",
         max_steps=steps,
         plugins=[QLoRAPrecision(compute_dtype="float32")] if qlora else [],
-        callbacks=[LoRA(r=4, dropout=0.0), saver],
+        callbacks=[LoRA(r=4, dropout=0.0, **lora), saver],  # type: ignore[arg-type]
         default_root_dir=tmp_path,
         logger=False,
         enable_progress_bar=False,
@@ -50,3 +57,20 @@ def test_resume_without_the_plugin_is_refused(tmp_path: Path, checkpoint: Path) 
         ResumeMismatchError, match=r"precision \{'plugin': 'QLoRAPrecision'.*QLoRAPrecision\(\)"
     ):
         fit(tmp_path, steps=4, seed=0, qlora=False, ckpt_path=checkpoint)
+
+
+def test_resume_with_other_target_modules_says_so(tmp_path: Path, checkpoint: Path) -> None:
+    """Not "other base weights": adapting other layers changes which weights are frozen, too."""
+    with pytest.raises(KeyError, match=r"written with other LoRA target modules") as info:
+        fit(tmp_path, steps=4, seed=0, ckpt_path=checkpoint, exclude=("net.2",))
+    assert "model.net.2.lora_A" in str(info.value) and "base weights" not in str(info.value)
+
+
+def test_a_checkpoint_carrying_the_base_is_refused(tmp_path: Path) -> None:
+    full = fit(tmp_path / "full", steps=2, seed=0, qlora=False, adapter_only_checkpoints=False)
+    with pytest.raises(
+        KeyError, match=r"carries \d+ weight\(s\) of the frozen base, e\.g\. .*would overwrite"
+    ):
+        fit(tmp_path / "resumed", steps=4, seed=0, qlora=False, ckpt_path=full)
+    as_full = {"qlora": False, "ckpt_path": full, "adapter_only_checkpoints": False}
+    fit(tmp_path / "as-full", steps=4, seed=0, **as_full)  # type: ignore[arg-type]  # allowed
