@@ -8,6 +8,7 @@ would have written. Every function here is a collective: all ranks call it, in t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -99,28 +100,47 @@ def value_for(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def full_optimizer_state(optimizer: Optimizer) -> dict[str, Any]:
     """`optimizer.state_dict()` with each per-element state tensor at its parameter's full shape.
 
-    bitsandbytes' states for a sharded parameter are local tensors (see `fsdp_optim`), torch's are DTensors;
-    both are gathered. Block-wise states (8-bit optimizers' absmax) cannot be reassembled from shards.
+    bitsandbytes' states for a sharded parameter are local tensors (see `fsdp_optim`), nested one level down
+    in its state dict; torch's are DTensors. Both are gathered. Block-wise states (8-bit optimizers'
+    absmax) cannot be reassembled from shards and are refused.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved = optimizer.state_dict()
-    for index, state in saved["state"].items():
-        param = params[index]
-        for name, value in list(state.items()):
-            if isinstance(value, DTensor):
-                state[name] = value.full_tensor().cpu()
-            elif isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.dim() > 0:
-                if tuple(value.shape) != tuple(param.to_local().shape):
-                    raise ValueError(
-                        f"{type(optimizer).__name__} keeps a state {name!r} of shape {tuple(value.shape)} "
-                        f"for a parameter shard of shape {tuple(param.to_local().shape)}: block-wise states "
-                        "cannot be gathered. Use a 32-bit optimizer (paged_adamw or adamw) with qlora_fsdp."
-                    )
-                whole = DTensor.from_local(
-                    value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
-                )
-                state[name] = whole.full_tensor().cpu()
+    for index, entry in saved["state"].items():
+        saved["state"][index] = _map_states(entry, functools.partial(_gathered, optimizer, params[index]))
     return saved
+
+
+def _map_states(
+    entry: Mapping[str, Any], convert: Callable[[str, torch.Tensor], torch.Tensor]
+) -> dict[str, Any]:
+    """A copy of one parameter's optimizer state with `convert` applied to each tensor (nested dicts too)."""
+    out: dict[str, Any] = {}
+    for name, value in entry.items():
+        if isinstance(value, Mapping):
+            out[name] = _map_states(value, convert)
+        elif isinstance(value, torch.Tensor):
+            out[name] = convert(name, value)
+        else:
+            out[name] = value
+    return out
+
+
+def _gathered(optimizer: Optimizer, param: torch.Tensor, name: str, value: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()
+    if not isinstance(param, DTensor) or value.dim() == 0:
+        return value
+    if tuple(value.shape) != tuple(param.to_local().shape):
+        raise ValueError(
+            f"{type(optimizer).__name__} keeps a state {name!r} of shape {tuple(value.shape)} for a "
+            f"parameter shard of shape {tuple(param.to_local().shape)}: block-wise states cannot be "
+            "gathered. Use a 32-bit optimizer (paged_adamw or adamw) with qlora_fsdp."
+        )
+    whole = DTensor.from_local(
+        value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
+    return whole.full_tensor().cpu()
 
 
 def load_full_optimizer_state(optimizer: Optimizer, saved: Mapping[str, Any]) -> None:
@@ -129,19 +149,19 @@ def load_full_optimizer_state(optimizer: Optimizer, saved: Mapping[str, Any]) ->
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     local_states = is_bitsandbytes_optimizer(optimizer)
-    state: dict[Any, Any] = {}
-    for index, entry in saved["state"].items():
-        param = params[int(index)]
-        converted = {}
-        for name, value in entry.items():
-            if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape:
-                placed = distribute_tensor(
-                    value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
-                )
-                converted[name] = placed.to_local() if local_states else placed
-            else:
-                converted[name] = value
-        state[index] = converted
+
+    def shard(param: torch.Tensor, _name: str, value: torch.Tensor) -> torch.Tensor:
+        if not isinstance(param, DTensor) or value.shape != param.shape:
+            return value
+        placed = distribute_tensor(
+            value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+        )
+        return placed.to_local() if local_states else placed
+
+    state = {
+        index: _map_states(entry, functools.partial(shard, params[int(index)]))
+        for index, entry in saved["state"].items()
+    }
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
@@ -166,3 +186,15 @@ def gathered_parameters(module: nn.Module, names: set[str]) -> Iterator[None]:
     finally:
         for owner, leaf, param in swapped:
             owner._parameters[leaf] = param
+
+
+@contextmanager
+def whole_trainable_parameters(strategy: object, module: nn.Module) -> Iterator[None]:
+    """Under a strategy that shards the model ("qlora_fsdp"), the trainable parameters are whole inside the
+    block (a collective: every rank enters it); under any other strategy, nothing happens."""
+    if not getattr(type(strategy), "shards_4bit_weights", False):
+        yield
+        return
+    names = {name for name, param in module.named_parameters() if param.requires_grad}
+    with gathered_parameters(module, names):
+        yield

@@ -31,8 +31,9 @@ from lightning_qlora.strategies.fsdp_state import full_state_dict
 class Snapshot(Callback):
     """Each rank saves the whole adapters, the whole packed 4-bit bytes and its own shard sizes at the end."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, norms: GradNorms) -> None:
         self.out = out
+        self.norms = norms
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert isinstance(pl_module, TinyModule)
@@ -67,9 +68,25 @@ class Snapshot(Callback):
                 "whole_4bit_bytes": whole_4bit,
                 "stats_bytes": stats,
                 "losses": pl_module.losses,
+                "grad_norms": self.norms.norms,
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
+
+
+class GradNorms(Callback):
+    """The gradients' total norm before clipping, each step (a DTensor norm is reduced over the ranks)."""
+
+    def __init__(self) -> None:
+        self.norms: dict[int, float] = {}
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        self.norms[trainer.global_step] = float(norm)
 
 
 class KillAt(Callback):
@@ -83,7 +100,7 @@ class KillAt(Callback):
             os._exit(3)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--strategy", default="qlora_fsdp")
@@ -96,14 +113,15 @@ def main() -> None:
     parser.add_argument("--export", action="store_true")
     parser.add_argument("--kill-rank", type=int, default=-1)
     parser.add_argument("--kill-step", type=int, default=-1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("lightning_qlora").setLevel(logging.WARNING)
 
     seed_everything(0, workers=True)
     module = TinyModule(blocks=2)
     lora = LoRA(r=4, alpha=8, dropout=0.0, export_dir=args.out / "peft" if args.export else None)
-    callbacks: list[Callback] = [lora, Snapshot(args.out)]
+    norms = GradNorms()
+    callbacks: list[Callback] = [lora, norms, Snapshot(args.out, norms)]
     if args.ckpt_every:
         callbacks.append(
             ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=args.ckpt_every, save_top_k=-1)
