@@ -28,7 +28,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_script(
-    script: str, *args: str, env: Mapping[str, str] | None = None, timeout: float = 300
+    script: str, *args: str, env: Mapping[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(HERE / script), *args],
@@ -41,7 +41,7 @@ def run_script(
 
 
 def start_ranks(
-    script: str, *args: str, world: int, timeout: float = 300, **env: str
+    script: str, *args: str, world: int, timeout: float = 600, **env: str
 ) -> list[subprocess.CompletedProcess[str]]:
     """Start `world` processes of `script` with torch's RANK/WORLD_SIZE variables; wait for all of them."""
     port = str(free_port())

@@ -20,12 +20,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from strategy_helpers import TinyModule, dataloader  # this script's folder is on sys.path
 from torch.distributed.tensor import DTensor
 
 from lightning_qlora import LoRA, OptimizerConfig, QLoRAPrecision
 from lightning_qlora.quantization.layers import is_linear4bit
 from lightning_qlora.strategies.fsdp_state import full_state_dict
+
+try:  # run as a script: its folder is on sys.path
+    from strategy_helpers import TinyModule, dataloader
+except ImportError:  # imported by the tests (which run the single-process reference in-process)
+    from strategies.strategy_helpers import TinyModule, dataloader
 
 
 class Snapshot(Callback):
@@ -153,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     # (rank r: samples r, r + world, ...), so N processes see the global batch one process sees
     world = args.devices * args.num_nodes
     rank = int(os.environ.get("NODE_RANK", "0")) * args.devices + int(os.environ.get("LOCAL_RANK", "0"))
-    full = dataloader(samples=96, batch_size=args.batch_size * world)
+    # three global batches an epoch, so a checkpoint every 3 steps ends an epoch and a resume is exact
+    full = dataloader(samples=3 * args.batch_size * world, batch_size=args.batch_size * world)
     sliced = [(x[rank::world], y[rank::world]) for x, y in full]
     loader = torch.utils.data.DataLoader(sliced, batch_size=None)  # the batches as they are
     # Lightning re-seeds parallel runs when it sets up the process group; seed every run the same way right
