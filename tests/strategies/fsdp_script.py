@@ -61,6 +61,7 @@ class Snapshot(Callback):
             {
                 "world_size": trainer.world_size,
                 "strategy": type(trainer.strategy).__name__,
+                "backend": getattr(trainer.strategy, "process_group_backend", None),
                 "optimizer": type(trainer.optimizers[0]).__name__,
                 "gradient_clip_val": trainer.gradient_clip_val,
                 "adapters": {k: v for k, v in state.items() if "lora_" in k},
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--strategy", default="qlora_fsdp")
+    parser.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (NCCL)")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=6)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
         strategy = QLoRAFSDPStrategy(shard="Block", timeout=__import__("datetime").timedelta(seconds=60))
     trainer = Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
         num_nodes=args.num_nodes,
         strategy=strategy,
