@@ -254,6 +254,7 @@ def summarize(name: str, runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
         "train_peak_mib_per_rank": max(r["train_peak_mib"] for r in ranks),
         "s_per_step": step,
         "rows_per_s": processes / step,
+        "cpu_s_per_step": statistics.median(max(r["cpu_s_per_step"] for r in run) for run in runs),
         "s_per_step_all": [r["s_per_step"] for r in ranks],
     }
 
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows-from", type=Path, default=None, help="re-tabulate the runs of a results JSON")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -277,11 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     config_kwargs = llama_size(args.model_size)
     runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in args.configs}
-    with model_folder(args.model_dir, "train_sharded_") as model_dir:
-        if not (model_dir / "config.json").exists():
-            save_random_model(config_kwargs, "float32", args.seed, model_dir)
-        for _, name in interleaved(args.configs, args.repeats):
-            runs[name].append(run_config(name, model_dir, args, model_dir))
+    machine = machine_info()
+    if args.rows_from is not None:  # the same measurements, tabulated again
+        previous = json.loads(args.rows_from.read_text())
+        runs, machine = previous["runs"], previous["machine"]
+    else:
+        with model_folder(args.model_dir, "train_sharded_") as model_dir:
+            if not (model_dir / "config.json").exists():
+                save_random_model(config_kwargs, "float32", args.seed, model_dir)
+            for _, name in interleaved(args.configs, args.repeats):
+                runs[name].append(run_config(name, model_dir, args, model_dir))
+            machine = machine_info()  # the load average at the end
     rows = [summarize(name, found) for name, found in runs.items()]
     single = next((row for row in rows if row["config"] == "single"), None)
     if single is not None:
@@ -311,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         "train_peak_vs_single",
         "s_per_step",
         "rows_per_s",
+        "cpu_s_per_step",
     ]
     table = markdown_table(rows, columns)
     payload = {
-        "machine": machine_info(),
+        "machine": machine,
         "model_size": args.model_size,
         "params": llama_param_count(config_kwargs),
         "settings": {

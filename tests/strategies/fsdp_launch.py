@@ -41,16 +41,21 @@ def run_script(
 
 
 def start_ranks(
-    script: str, *args: str, world: int, timeout: float = 600, **env: str
+    script: str, *args: str, world: int, timeout: float = 600, nodes: bool = False
 ) -> list[subprocess.CompletedProcess[str]]:
-    """Start `world` processes of `script` with torch's RANK/WORLD_SIZE variables; wait for all of them."""
+    """Start `world` processes of `script` and wait for all of them: with torch's RANK/WORLD_SIZE variables,
+    or with `nodes`, as one process on each of `world` nodes (NODE_RANK, LOCAL_RANK=0), as a cluster's
+    launcher starts them (Lightning then starts no process itself)."""
     port = str(free_port())
+    common = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+
+    def place(rank: int) -> dict[str, str]:
+        return {"NODE_RANK": str(rank), "LOCAL_RANK": "0"} if nodes else {"RANK": str(rank)}
+
     procs = [
         subprocess.Popen(
             [sys.executable, str(HERE / script), *args],
-            env=clean_env(
-                RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env
-            ),
+            env=clean_env(**common, **place(r)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

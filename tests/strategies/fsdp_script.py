@@ -11,6 +11,7 @@ be a file, not a pytest test. Each rank writes what it saw to `OUT/rank<r>.pt`; 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 from pathlib import Path
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt-every", type=int, default=0)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--export", action="store_true")
+    parser.add_argument("--timeout", type=float, default=300, help="process-group timeout, seconds")
     parser.add_argument("--kill-rank", type=int, default=-1)
     parser.add_argument("--kill-step", type=int, default=-1)
     args = parser.parse_args(argv)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.strategy == "qlora_fsdp":
         from lightning_qlora import QLoRAFSDPStrategy
 
-        strategy = QLoRAFSDPStrategy(shard="Block", timeout=__import__("datetime").timedelta(seconds=60))
+        strategy = QLoRAFSDPStrategy(shard="Block", timeout=datetime.timedelta(seconds=args.timeout))
     trainer = Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
