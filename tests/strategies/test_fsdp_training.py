@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from strategies.fsdp_launch import failure, run_script
+from strategies.fsdp_launch import failure, run_script, start_ranks
 from strategies.fsdp_script import main as run_in_process
 
 STEPS, EVERY = 6, 3
@@ -148,3 +148,16 @@ def test_single_process_checkpoint_resumes_on_two(reference: Path, tmp_path: Pat
     assert (
         _max_diff(_load(resumed / "rank0.pt")["adapters"], _load(reference / "rank0.pt")["adapters"]) <= 1e-6
     )
+
+
+@pytest.mark.slow
+def test_two_nodes_with_one_process_each_train_like_one_node_with_two(sharded: Path, tmp_path: Path) -> None:
+    """Started as a cluster's launcher starts them (NODE_RANK per process, Lightning starts none)."""
+    args = ("--max-steps", str(STEPS), "--devices", "1", "--num-nodes", "2", "--timeout", "600")
+    for result in start_ranks("fsdp_script.py", str(tmp_path), *args, world=2, nodes=True):
+        assert result.returncode == 0, failure(result)
+    nodes = [_load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    one_node = _load(sharded / "rank0.pt")
+    assert [n["world_size"] for n in nodes] == [2, 2]
+    assert nodes[0]["local_4bit_bytes"] == nodes[1]["local_4bit_bytes"] == one_node["local_4bit_bytes"]
+    assert _max_diff(nodes[0]["adapters"], one_node["adapters"]) == 0.0  # the same arithmetic, in order
