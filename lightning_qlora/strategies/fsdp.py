@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -151,18 +151,17 @@ class QLoRAFSDPStrategy(_PagedOptimizerMixin, ModelParallelStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        """Quantize, checkpoint activations, shard (layers, then root), then build the optimizer.
+        """Checkpoint activations, then quantize, move and shard one unit at a time, then build the optimizer.
 
-        Lightning's `ModelParallelStrategy.setup` asks the user to shard in `configure_model`; here the
-        strategy shards, after the precision plugin quantized the model (sharding needs the packed bytes).
+        Lightning's `ModelParallelStrategy.setup` asks the user to shard in `configure_model` and moves the
+        whole model to the device first; here the strategy shards, unit by unit, so a model loaded on the CPU
+        reaches the device one layer at a time and is never whole there.
         """
         assert self.model is not None
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        _quantize_pending(self.model, self.root_device)
         _check_storage(self.model, type(self).__name__)
         if self.activation_checkpointing is not None:
             self._apply_activation_checkpointing(self.model)
@@ -185,9 +184,17 @@ class QLoRAFSDPStrategy(_PagedOptimizerMixin, ModelParallelStrategy):
             options["mp_policy"] = self.mp_policy
         spec = self._unit_spec(model)
         layers = activation_checkpoint_targets(model, spec) if spec is not None else []
+        device = self.root_device
         for layer in layers:
-            fully_shard(layer, **options)
+            _quantize_pending(layer, device)  # a CPU weight is quantized on the device (as with "qlora")
+            layer.to(device)
+            fully_shard(layer, **options)  # the whole layer is dropped: this process keeps its rows
         roots = _root_units(model, layers)
+        inside = {id(sub) for layer in layers for sub in layer.modules()}
+        outside = [sub for sub in model.modules() if id(sub) not in inside]
+        for sub in outside:
+            _quantize_pending(sub, device, recurse=False)
+            sub._apply(lambda t: t.to(device), recurse=False)  # its own tensors only
         for root in roots:
             fully_shard(root, **options)
         self._units = [*layers, *roots]
@@ -281,23 +288,28 @@ class QLoRAFSDPStrategy(_PagedOptimizerMixin, ModelParallelStrategy):
             )
 
 
-def _quantize_pending(model: nn.Module, device: torch.device) -> None:
-    """Pack every 4-bit layer before sharding: FSDP2 shards the packed bytes, never a pending weight."""
+def _quantize_pending(model: nn.Module, device: torch.device, recurse: bool = True) -> None:
+    """Pack the 4-bit layers before sharding: FSDP2 shards the packed bytes, never a pending weight."""
     from lightning_qlora.quantization.layers import is_linear4bit, is_quantized, quantize_layer
 
-    for sub in model.modules():
+    for sub in model.modules() if recurse else [model]:
         if is_linear4bit(sub) and not is_quantized(sub):
             quantize_layer(sub, device)
 
 
 def _check_storage(model: nn.Module, owner: str) -> None:
     """The byte-exact gather is proven for uint8 storage; other storage dtypes are refused before work."""
-    from lightning_qlora.quantization.layers import is_linear4bit
+    from lightning_qlora.quantization.layers import is_linear4bit, is_quantized
+
+    def storage(layer: nn.Module) -> torch.dtype:
+        weight = cast(torch.Tensor, layer.weight)
+        dtype = weight.dtype if is_quantized(layer) else getattr(weight, "quant_storage", weight.dtype)
+        return cast(torch.dtype, dtype)
 
     wrong = [
-        (name, sub.weight.dtype)
+        (name, storage(sub))
         for name, sub in model.named_modules()
-        if is_linear4bit(sub) and sub.weight.dtype != torch.uint8
+        if is_linear4bit(sub) and storage(sub) != torch.uint8
     ]
     if wrong:
         name, dtype = wrong[0]
