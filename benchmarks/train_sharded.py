@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows_from is not None:  # the same measurements, tabulated again
         previous = json.loads(args.rows_from.read_text())
         runs, machine = previous["runs"], previous["machine"]
+        for key, value in previous["settings"].items():
+            setattr(args, key, value)
+        args.model_size = previous["model_size"]
     else:
         with model_folder(args.model_dir, "train_sharded_") as model_dir:
             if not (model_dir / "config.json").exists():
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "machine": machine,
         "model_size": args.model_size,
-        "params": llama_param_count(config_kwargs),
+        "params": llama_param_count(llama_size(args.model_size)),
         "settings": {
             k: getattr(args, k) for k in ("steps", "warmup", "seq_len", "repeats", "threads", "seed")
         },
