@@ -189,20 +189,23 @@ class QLoRAFSDPStrategy(_PagedOptimizerMixin, ModelParallelStrategy):
             _quantize_pending(layer, device)  # a CPU weight is quantized on the device (as with "qlora")
             layer.to(device)
             fully_shard(layer, **options)  # the whole layer is dropped: this process keeps its rows
-        roots = _root_units(model, layers)
         inside = {id(sub) for layer in layers for sub in layer.modules()}
         outside = [sub for sub in model.modules() if id(sub) not in inside]
         for sub in outside:
             _quantize_pending(sub, device, recurse=False)
             sub._apply(lambda t: t.to(device), recurse=False)  # its own tensors only
+        leaves = _full_precision_leaves(model, layers)
+        for leaf in leaves:
+            fully_shard(leaf, **options)
+        roots = _root_units(model, [*layers, *leaves])
         for root in roots:
             fully_shard(root, **options)
-        self._units = [*layers, *roots]
+        self._units = [*layers, *leaves, *roots]
         classes = sorted({type(m).__name__.removeprefix("FSDP") for m in layers})
         rank_zero_info(
             f"{type(self).__name__}: {len(layers)} layer unit(s)"
-            f"{' of class ' + ', '.join(classes) if classes else ''} and {len(roots)} root unit(s) sharded "
-            f"across {mesh.size()} process(es) (FSDP2)."
+            f"{' of class ' + ', '.join(classes) if classes else ''}, {len(leaves)} embedding/full-precision "
+            f"linear unit(s) and {len(roots)} root unit(s) sharded across {mesh.size()} process(es) (FSDP2)."
         )
 
     def _unit_spec(self, model: nn.Module) -> ActivationCheckpointing:
@@ -318,6 +321,32 @@ def _check_storage(model: nn.Module, owner: str) -> None:
             "qlora_fsdp shards packed 4-bit weights stored as torch.uint8 (QLoRAPrecision's layers), whose "
             "bytes FSDP2 gathers unchanged. Quantize the model with QLoRAPrecision (or quant_storage=uint8)."
         )
+
+
+def _full_precision_leaves(model: nn.Module, layers: Sequence[nn.Module]) -> list[nn.Module]:
+    """Embeddings and full-precision linear layers outside the layer units, each made a unit of its own.
+
+    They are the largest full-precision weights (a vocabulary-sized embedding and LM head); in the root unit,
+    which FSDP2 keeps gathered from forward to backward, they would be whole in every process for the whole
+    step. A module whose weight it shares with another (tied embeddings) stays in the root unit.
+    """
+    from lightning_qlora.quantization.layers import is_linear4bit
+
+    inside = {id(sub) for layer in layers for sub in layer.modules()}
+    owners: dict[int, int] = {}
+    for sub in model.modules():
+        for param in sub.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    leaves = []
+    for sub in model.modules():
+        if id(sub) in inside or list(sub.children()):
+            continue
+        plain_linear = isinstance(sub, nn.Linear) and not is_linear4bit(sub)
+        params = list(sub.parameters(recurse=False))
+        unshared = all(owners[id(p)] == 1 for p in params)
+        if (isinstance(sub, nn.Embedding) or plain_linear) and params and unshared:
+            leaves.append(sub)
+    return leaves
 
 
 def _root_units(model: nn.Module, layers: Sequence[nn.Module]) -> list[nn.Module]:

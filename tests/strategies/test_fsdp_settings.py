@@ -97,3 +97,20 @@ def test_4bit_storage_other_than_uint8_is_refused() -> None:
     model = torch.nn.Sequential(layer)
     with pytest.raises(ValueError, match=r"'0' is stored as torch.bfloat16.*torch.uint8"):
         _check_storage(model, "QLoRAFSDPStrategy")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_embeddings_and_head_are_units_of_their_own_unless_tied(tied: bool) -> None:
+    from tiny_models import tiny_llama
+
+    from lightning_qlora.strategies.fsdp import _full_precision_leaves, _root_units
+
+    model = tiny_llama(tie_word_embeddings=tied)
+    layers = list(model.model.layers)
+    leaves = _full_precision_leaves(model, layers)
+    expected = [] if tied else [model.model.embed_tokens, model.lm_head]
+    assert [id(m) for m in leaves] == [id(m) for m in expected]
+    holder = torch.nn.Module()
+    holder.model = model
+    roots = _root_units(holder, [*layers, *leaves])
+    assert roots == [model]  # the norm (and, tied, the shared embedding) stay in the root unit
