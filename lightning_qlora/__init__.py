@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "quantization_report": "lightning_qlora.quantization",
     "OptimizerConfig": "lightning_qlora.strategies",
     "QLoRADDPStrategy": "lightning_qlora.strategies",
+    "QLoRAFSDPStrategy": "lightning_qlora.strategies",
     "QLoRAStrategy": "lightning_qlora.strategies",
 }
 
@@ -52,7 +53,12 @@ if TYPE_CHECKING:
         load_quantized,
         quantization_report,
     )
-    from lightning_qlora.strategies import OptimizerConfig, QLoRADDPStrategy, QLoRAStrategy
+    from lightning_qlora.strategies import (
+        OptimizerConfig,
+        QLoRADDPStrategy,
+        QLoRAFSDPStrategy,
+        QLoRAStrategy,
+    )
 
 
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
@@ -65,6 +71,7 @@ __all__ = [
     "LoRALinear",
     "OptimizerConfig",
     "QLoRADDPStrategy",
+    "QLoRAFSDPStrategy",
     "QLoRAPrecision",
     "QLoRAStrategy",
     "QuantizationConfig",

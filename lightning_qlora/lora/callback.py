@@ -31,6 +31,7 @@ from lightning_qlora.precision import QLoRAPrecision
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
 from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linear_layers
 from lightning_qlora.resumable import warn_if_resume_is_not_exact
+from lightning_qlora.strategies.fsdp_state import whole_trainable_parameters
 from lightning_qlora.strategies.support import require_supported_strategy
 
 _OWN = LoRACallbackSettings()  # the defaults of the callback's own arguments
@@ -278,6 +279,11 @@ class LoRA(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir is not None:
+            with whole_trainable_parameters(trainer.strategy, pl_module):  # sharded ("qlora_fsdp"): gathered
+                self._export_at_fit_end(trainer, pl_module)
+
+    def _export_at_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir is not None and trainer.is_global_zero:
             from lightning_qlora.lora.peft_format import save_peft_adapter
 

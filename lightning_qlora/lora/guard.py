@@ -47,12 +47,18 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor | None]]) -> list[st
     for name, tensor in named:
         if tensor is None or not torch.is_floating_point(tensor) or tensor.device.type == "meta":
             continue
+        if _is_dtensor(tensor):  # a shard (qlora_fsdp): each process checks its own rows
+            tensor = tensor.to_local()  # type: ignore[attr-defined]
         names.append(name)
         flags.append(torch.isfinite(tensor).all())
     if not flags:
         return []
     finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # the one device sync
     return [name for name, ok in zip(names, finite, strict=True) if not ok]
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
 
 
 def check_finite_state(state: Mapping[str, Any], what: str) -> None:

@@ -1,8 +1,9 @@
 """Which Lightning strategies the package supports, and the error for the others (FSDP, DeepSpeed, ...).
 
-A sharded strategy would wrap or flatten the 4-bit weights and the adapters in ways the plugin, the
-callback and the PEFT export do not handle yet; failing at setup, before any work, beats a run that
-trains something else than it seems to.
+Lightning's own sharded strategies would wrap or flatten the 4-bit weights and the adapters in ways the
+plugin, the callback and the PEFT export do not handle (FSDP1 value-casts packed bytes and drops the quant
+state, DeepSpeed flattens them); the package's `QLoRAFSDPStrategy` ("qlora_fsdp") shards them byte-exact.
+Failing at setup, before any work, beats a run that trains something else than it seems to.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ SUPPORTED_STRATEGIES: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStr
 # Sharded strategies; DeepSpeed subclasses DDPStrategy, hence the explicit list.
 UNSUPPORTED_STRATEGIES: tuple[type[Strategy], ...] = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 SUPPORTED_NAMES = (
-    "QLoRAStrategy ('qlora'), QLoRADDPStrategy ('qlora_ddp'), or Lightning's single-device and DDP"
+    "QLoRAStrategy ('qlora'), QLoRADDPStrategy ('qlora_ddp'), QLoRAFSDPStrategy ('qlora_fsdp'), or "
+    "Lightning's single-device and DDP"
 )
+# Set to True on a strategy class that shards the 4-bit weights itself (QLoRAFSDPStrategy).
+SHARDS_4BIT_ATTR = "shards_4bit_weights"
 
 
 class UnsupportedStrategyError(ValueError):
@@ -32,11 +36,13 @@ class UnsupportedStrategyError(ValueError):
 
 def require_supported_strategy(strategy: Strategy, user: str) -> None:
     """Raise `UnsupportedStrategyError` naming the supported strategies unless `strategy` is one of them."""
+    if getattr(type(strategy), SHARDS_4BIT_ATTR, False):
+        return
     if isinstance(strategy, SUPPORTED_STRATEGIES) and not isinstance(strategy, UNSUPPORTED_STRATEGIES):
         return
     raise UnsupportedStrategyError(
-        f"{user} does not support {type(strategy).__name__} yet (sharded strategies such as FSDP, DeepSpeed "
-        "or model parallelism would split the 4-bit weights and adapters in ways lightning-qlora does not "
-        f"handle). Use {SUPPORTED_NAMES} strategies: Trainer(strategy='qlora') on one device, "
-        "strategy='qlora_ddp' on several."
+        f"{user} does not support {type(strategy).__name__} (Lightning's FSDP, DeepSpeed and model-parallel "
+        "strategies would cast, flatten or drop the packed 4-bit weights and their quant state). Use "
+        f"{SUPPORTED_NAMES} strategies: Trainer(strategy='qlora') on one device, strategy='qlora_ddp' to "
+        "copy the model to several, strategy='qlora_fsdp' to shard it across them (FSDP2)."
     )

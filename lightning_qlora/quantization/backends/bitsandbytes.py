@@ -54,14 +54,13 @@ class QLoRALinear4bit(Linear4bit):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = cast(Params4bit, self.weight)
+        weight = _params(self)
         if (
             x.device.type != "cpu"
             or not getattr(weight, "bnb_quantized", False)
             or getattr(weight.quant_state, "packing_format_for_cpu", False)
         ):
             return cast(torch.Tensor, super().forward(x))
-        fix_4bit_weight_quant_state_from_module(self)
         if not self.compute_type_is_set:
             self.set_compute_type(x)
             self.compute_type_is_set = True
@@ -204,7 +203,7 @@ class BitsandbytesBackend:
 
     def quantize(self, layer: nn.Linear, device: torch.device | None) -> None:
         weight = _params(layer)
-        if getattr(weight, "bnb_quantized", False):
+        if getattr(weight, "bnb_quantized", False) or _is_sharded(layer):
             return
         target = device if device is not None else weight.device
         if target.type == "meta":
@@ -218,7 +217,8 @@ class BitsandbytesBackend:
         return isinstance(module, Linear4bit)
 
     def is_quantized(self, layer: nn.Linear) -> bool:
-        return self.is_4bit_layer(layer) and bool(getattr(layer.weight, "bnb_quantized", False))
+        quantized = bool(getattr(layer.weight, "bnb_quantized", False)) or _is_sharded(layer)
+        return self.is_4bit_layer(layer) and quantized
 
     def logical_shape(self, tensor: torch.Tensor) -> torch.Size | None:
         state = getattr(tensor, "quant_state", None)
@@ -284,16 +284,16 @@ class BitsandbytesBackend:
         four_bit = cast(Linear4bit, layer)
         four_bit.compute_dtype = dtype
         four_bit.compute_type_is_set = True
-        state = getattr(layer.weight, "quant_state", None)
-        if state is not None:
-            state.dtype = dtype
+        for state in (getattr(layer.weight, "quant_state", None), getattr(layer, "quant_state", None)):
+            if state is not None:
+                state.dtype = dtype
 
     def storage_bytes(self, layer: nn.Linear) -> int:
         weight = _params(layer)
         if not self.is_quantized(layer):
             return _expected_bytes(weight, layer.in_features * layer.out_features)
-        state = _state(weight)
-        total = weight.data.numel() * weight.data.element_size() + _nbytes(state.absmax)
+        state = _state(weight) if not _is_sharded(layer) else cast(QuantState, layer.quant_state)
+        total = weight.numel() * weight.element_size() + _nbytes(state.absmax)
         if state.nested:
             total += _nbytes(state.state2.absmax) + _nbytes(state.offset)
         return total
@@ -337,7 +337,30 @@ BACKEND = BitsandbytesBackend()
 
 
 def _params(layer: nn.Linear) -> Params4bit:
-    return cast(Params4bit, layer.weight)
+    """The layer's packed weight with its quant state.
+
+    FSDP2 (the "qlora_fsdp" strategy) hands the module a plain tensor gathered from the shards, without
+    the `Params4bit` attributes; bitsandbytes keeps the quant state on the module too, and
+    `fix_4bit_weight_quant_state_from_module` re-wraps the gathered bytes around it (without a copy).
+    """
+    weight = layer.weight
+    if (
+        not isinstance(weight, Params4bit)
+        and not _is_dtensor(weight)
+        and getattr(layer, "quant_state", None) is not None
+    ):
+        fix_4bit_weight_quant_state_from_module(cast(Linear4bit, layer))
+        weight = layer.weight
+    return cast(Params4bit, weight)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "placements")
+
+
+def _is_sharded(layer: nn.Linear) -> bool:
+    """A quantized weight FSDP2 split across processes: its quant state lives on the module."""
+    return _is_dtensor(layer.weight) and getattr(layer, "quant_state", None) is not None
 
 
 def _state(weight: Params4bit) -> QuantState:
