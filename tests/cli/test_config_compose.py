@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_qlora import LoRA, QLoRAPrecision
 from lightning_qlora.cli import conf_dir
 from lightning_qlora.cli.job import build_loggers, build_strategy
-from lightning_qlora.strategies import OptimizerConfig, QLoRADDPStrategy, QLoRAStrategy
+from lightning_qlora.strategies import OptimizerConfig, QLoRADDPStrategy, QLoRAFSDPStrategy, QLoRAStrategy
 
 CONF = conf_dir()
 Compose = Callable[..., DictConfig]
@@ -83,7 +83,7 @@ def test_config_composes_and_builds(name: str, compose_train: Compose, tmp_path:
     assert isinstance(optimizer, OptimizerConfig)
     assert optimizer.lr == cfg.optimizer.lr
     strategy = build_strategy(cfg.trainer.strategy, optimizer)
-    assert isinstance(strategy, (QLoRAStrategy, QLoRADDPStrategy))
+    assert isinstance(strategy, (QLoRAStrategy, QLoRADDPStrategy, QLoRAFSDPStrategy))
     assert strategy.optimizer_config == optimizer
     for node in cfg.callbacks.values():
         assert isinstance(instantiate(node), Callback)
