@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lightning_qlora._bnb import bitsandbytes
+from lightning_qlora.quantization.backends.linear4bit_op import PackedWeight4bit
 from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.frozen_linear import WeightTiles, frozen_linear
 
@@ -190,7 +191,7 @@ class BitsandbytesBackend:
         align = step // math.gcd(cols, step)  # rows * cols is a multiple of step
         values = TILE_BYTES_PER_THREAD * torch.get_num_threads() // dtype.itemsize
         rows = max(align, values // cols // align * align)
-        return WeightTiles(rows, self.dequantize_into)
+        return WeightTiles(rows, self.dequantize_into, _packed_weight(layer))
 
     def dequantize_into(self, layer: nn.Linear, out: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """The weight (or, from `first_row`, as many rows as `out` holds: the native kernel only)."""
@@ -293,6 +294,23 @@ def _unpacked_for_cpu(weight: Params4bit) -> tuple[torch.Tensor, QuantState]:
     if getattr(state, "packing_format_for_cpu", False):
         data, state = _convert_weight_packed_for_cpu_inverse(data, state)
     return data, state
+
+
+def _packed_weight(layer: nn.Linear) -> PackedWeight4bit:
+    """The layer's 4-bit weight as plain tensors, for the native CPU operator."""
+    data, state = _unpacked_for_cpu(_params(layer))
+    nested = state.state2 if state.nested else None
+    return PackedWeight4bit(
+        packed=data.view(-1),
+        code=state.code,
+        absmax=state.absmax,
+        blocksize=state.blocksize,
+        shape=(layer.out_features, layer.in_features),
+        nested_code=nested.code if nested is not None else None,
+        nested_absmax=nested.absmax if nested is not None else None,
+        nested_blocksize=nested.blocksize if nested is not None else 256,
+        offset=state.offset if nested is not None else None,
+    )
 
 
 # Values decoded per step of the torch fallback: bounds its temporaries (indices, scales) to a few MiB.
