@@ -85,6 +85,18 @@ def cpu_kernel() -> ModuleType | None:
     return module
 
 
+@torch.compiler.assume_constant_result
+def _kernel_loaded() -> bool:
+    """`cpu_kernel()` is not None, as a constant to torch.compile (which cannot trace an import)."""
+    return cpu_kernel() is not None
+
+
+@torch.compiler.assume_constant_result
+def _torch_threads() -> int:
+    """`torch.get_num_threads()`, as a constant to torch.compile (a compiled graph keeps its bands)."""
+    return torch.get_num_threads()
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPUs on which bf16 matmuls are fast."""
     try:
@@ -183,13 +195,13 @@ class BitsandbytesBackend:
         """Bands of rows of about `TILE_BYTES_PER_THREAD` bytes of `dtype` per torch thread that the native
         kernel can write on their own (a band starts a block of nested blocks), so each band's
         dequantization and matmul use every thread; None where only whole weights can be dequantized."""
-        if cpu_kernel() is None:
+        if not _kernel_loaded():
             return None
         state = _state(_params(layer))
         step = state.blocksize * (state.state2.blocksize if state.nested else 1)
         cols = layer.in_features
         align = step // math.gcd(cols, step)  # rows * cols is a multiple of step
-        values = TILE_BYTES_PER_THREAD * torch.get_num_threads() // dtype.itemsize
+        values = TILE_BYTES_PER_THREAD * _torch_threads() // dtype.itemsize
         rows = max(align, values // cols // align * align)
         return WeightTiles(rows, self.dequantize_into, _packed_weight(layer))
 
