@@ -62,7 +62,12 @@ def frozen_linear(
     x = x.to(compute_dtype)
     if bias is not None:
         bias = bias.to(compute_dtype)
-    if tiles is not None and tiles.packed is not None and x.device.type == "cpu" and linear4bit_op.available():
+    if (
+        tiles is not None
+        and tiles.packed is not None
+        and x.device.type == "cpu"
+        and linear4bit_op.available()
+    ):
         return linear4bit_op.linear4bit(x, tiles.packed, bias, tiles.rows).to(inp_dtype)
     if tiles is not None and tiles.rows >= layer.out_features:
         tiles = None  # one band is the whole weight

@@ -46,7 +46,7 @@ def workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) 
 
 
 def workspace_bytes() -> int:
-    """Bytes this thread's buffers hold, the native operator's band buffers included (for reports and tests)."""
+    """Bytes this thread's buffers hold, the native operator's band buffers too (for reports and tests)."""
     return sum(b.numel() * b.element_size() for b in _buffers().values()) + linear4bit_op.workspace_bytes()
 
 

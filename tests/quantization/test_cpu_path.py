@@ -284,7 +284,9 @@ def test_nothing_dequantized_is_saved_for_backward() -> None:
     out.sum().backward()
 
 
-def test_workspace_is_one_buffer_per_dtype_grown_to_the_largest_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workspace_is_one_buffer_per_dtype_grown_to_the_largest_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(linear4bit_op, "available", lambda: False)  # the Python band loop's buffers
     release_workspace()
     small, large = four_bit(32, 16), four_bit(64, 48)

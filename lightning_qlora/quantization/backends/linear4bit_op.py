@@ -212,7 +212,9 @@ def linear4bit(
 
 def input_grad(grad: torch.Tensor, weight: PackedWeight4bit, tile_rows: int) -> torch.Tensor:
     """`grad @ W` in grad's dtype, band by band. Needs `available()`."""
-    return torch.ops.lightning_qlora.linear4bit_input_grad(grad, *weight.op_args(), weight.shape[1], tile_rows)
+    return torch.ops.lightning_qlora.linear4bit_input_grad(
+        grad, *weight.op_args(), weight.shape[1], tile_rows
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def _fake_input_grad(grad: torch.Tensor, *args: Any) -> torch.Tensor:
 
 
 def _setup_context(ctx: Any, inputs: Sequence[Any], output: torch.Tensor) -> None:
-    x, *weight_args, out_features, tile_rows, bias = inputs
+    x, *weight_args, _out_features, tile_rows, bias = inputs
     ctx.save_for_backward(*weight_args[:6])  # the packed weight and its constants, not activations
     ctx.scalars = (*weight_args[6:], x.shape[-1], tile_rows)
     ctx.has_bias = bias is not None
@@ -254,9 +256,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
 def _register_python_parts() -> None:
     torch.library.register_fake("lightning_qlora::linear4bit")(_fake_linear4bit)
     torch.library.register_fake("lightning_qlora::linear4bit_input_grad")(_fake_input_grad)
-    torch.library.register_autograd(
-        "lightning_qlora::linear4bit", _backward, setup_context=_setup_context
-    )
+    torch.library.register_autograd("lightning_qlora::linear4bit", _backward, setup_context=_setup_context)
 
 
 def _self_check() -> None:
