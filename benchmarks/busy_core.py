@@ -15,8 +15,16 @@ import sys
 from collections.abc import Iterator
 
 LOADS = ("quiet", "busy")
-# Pins itself to the given core, then spins until killed: pure CPU, no memory traffic to speak of.
-_SPINNER = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+# Pins itself to the given core, then spins until killed or orphaned (a benchmark killed mid-run leaves no
+# spinner behind): pure CPU, no memory traffic to speak of.
+_SPINNER = (
+    "import os, sys\n"
+    "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+    "parent = os.getppid()\n"
+    "while os.getppid() == parent:\n"
+    "    for _ in range(1000000):\n"
+    "        pass\n"
+)
 
 
 def default_core() -> int:
