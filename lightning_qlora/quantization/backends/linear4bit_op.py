@@ -104,7 +104,7 @@ def build(directory: Path | None = None, cxx: str | None = None) -> Path:
     """Compile (or find in the cache) the operator library and return its path; NativeBuildError if it fails.
 
     Tries -march=native first (the kernel's AVX2 / AVX-512 loops), then a portable build, each in C++20 and
-    then C++17. Loading is `load`'s job: a library registers its operators once per process.
+    then C++17. Loading is `_load`'s job: a library registers its operators once per process.
     """
     from lightning_qlora.quantization.cpu_caching_allocator import compiler
 
