@@ -16,6 +16,9 @@ safetensors) trains with batch 1 x 256 random tokens in each configuration, each
   picks on CPUs with native bf16 (AVX512-BF16 / AMX) and on CUDA; CPU only (on CUDA it is ``qlora``);
 - ``qlora_siblings``: ``qlora`` with ``LoRA(share_sibling_input=True)`` (one dropout mask and one stacked A
   matmul for q/k/v and for gate/up);
+- ``qlora_python_loop``: ``qlora`` with the native 4-bit linear operator off
+  (``LIGHTNING_QLORA_DISABLE_LINEAR_OP=1``): the Python band loop around the ctypes kernel that starts its own
+  threads, the path before the operator (same bits); CPU only;
 - ``qlora_heap``: ``qlora`` with ``limit_cpu_heap=False`` (in ``load_quantized`` and ``QLoRAPrecision``):
   glibc's allocator left alone, what the heap limit costs and saves; CPU only;
 - ``peft_qlora``: ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant))``,
@@ -28,9 +31,12 @@ clipping (0.3) are the same everywhere. Memory on CPU: the worker's peak residen
 after the imports and again when training starts) and, sampled every 10 ms, its anonymous (``RssAnon``)
 and file-backed (``RssFile``, pages of the memory-mapped checkpoint) parts; on CUDA
 ``torch.cuda.max_memory_allocated``. Configurations run interleaved (every other round reversed), for
-each ``--threads`` setting.
+each ``--threads`` setting; with ``--load quiet busy`` each run is repeated beside a process spinning on one
+core (``benchmarks.busy_core``), and the tables add each configuration's slowdown (busy / quiet s/step) and
+that slowdown over LoRA's.
 
-Run: ``python -m benchmarks.train_memory_speed [--model-size 0.5b] [--threads 1 2] [--repeats 2]``
+Run: ``python -m benchmarks.train_memory_speed [--model-size 0.5b] [--threads 1 2] [--repeats 2]
+[--load quiet busy] [--configs lora qlora qlora_python_loop]``
 (``--model-size tiny`` for a smoke run of a few seconds per configuration).
 """
 
@@ -45,6 +51,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.busy_core import LOADS, busy_core, default_core
 from benchmarks.harness import (
     LLAMA_SIZES,
     MIB,
@@ -74,8 +81,12 @@ from benchmarks.harness import (
 )
 
 NAME = "train_memory_speed"
-CONFIGS = ("qlora", "qlora_bf16", "qlora_siblings", "qlora_heap", "lora", "peft_qlora", "full")
-CPU_ONLY = ("qlora_bf16", "qlora_heap")
+CONFIGS = (
+    "qlora", "qlora_bf16", "qlora_siblings", "qlora_python_loop", "qlora_heap", "lora", "peft_qlora", "full",
+)  # fmt: skip
+CPU_ONLY = ("qlora_bf16", "qlora_heap", "qlora_python_loop")
+# Environment of a configuration's worker (set before anything is imported there).
+CONFIG_ENV = {"qlora_python_loop": {"LIGHTNING_QLORA_DISABLE_LINEAR_OP": "1"}}
 REFERENCE = "lora"
 CONFIG_LABELS = {
     "full": "full fine-tuning (AdamW)",
@@ -83,6 +94,7 @@ CONFIG_LABELS = {
     "qlora": "QLoRA (this package)",
     "qlora_bf16": "QLoRA, bf16 compute (this package; compute_dtype='auto' on CPUs with native bf16)",
     "qlora_heap": "QLoRA without the heap limit (this package, limit_cpu_heap=False)",
+    "qlora_python_loop": "QLoRA, Python band loop (this package with the native 4-bit linear operator off)",
     "qlora_siblings": "QLoRA, sibling adapters sharing mask and A matmul (this package, share_sibling_input)",
     "peft_qlora": "QLoRA (transformers + PEFT + bnb)",
 }
@@ -369,31 +381,58 @@ def aggregate_one(name: str, ok: Sequence[Mapping[str, Any]], tokens_per_step: i
     }
 
 
+def run_key(name: str, threads: int, load: str) -> str:
+    """``config@threads``, with ``@busy`` for runs beside a busy core (quiet keys as before)."""
+    return f"{name}@{threads}" + ("" if load == "quiet" else f"@{load}")
+
+
+def parse_key(key: str) -> tuple[str, int, str]:
+    name, threads, *load = key.split("@")
+    return name, int(threads or 0), load[0] if load else "quiet"
+
+
 def aggregate(runs: Mapping[str, list[dict[str, Any]]], tokens_per_step: int) -> list[dict[str, Any]]:
-    """Rows per (configuration, threads), with ratios to LoRA at the same thread count."""
+    """Rows per (configuration, threads, load), with ratios to LoRA at the same thread count and load, and
+    for busy rows the slowdown over the same configuration's quiet row and that slowdown over LoRA's."""
     rows: list[dict[str, Any]] = []
     for key, results in runs.items():
-        name, _, threads = key.partition("@")
+        name, threads, load = parse_key(key)
         ok = [r for r in results if r.get("ok")]
         if not ok:
             error = results[0].get("error", "failed") if results else "not run"
-            rows.append({"config": name, "threads": int(threads or 0), "error": error})
+            rows.append({"config": name, "threads": threads, "load": load, "error": error})
             continue
-        rows.append(aggregate_one(name, ok, tokens_per_step))
-    for threads in sorted({r["threads"] for r in rows}, key=str):
+        rows.append({**aggregate_one(name, ok, tokens_per_step), "threads": threads, "load": load})
+    for threads, load in sorted({(r["threads"], r["load"]) for r in rows}, key=str):
         ratios_to(
-            [r for r in rows if r["threads"] == threads],
+            [r for r in rows if r["threads"] == threads and r["load"] == load],
             "config",
             REFERENCE,
             RATIO_KEYS,
             "_vs_lora",
         )
+    add_slowdowns(rows)
     return rows
+
+
+def add_slowdowns(rows: Sequence[dict[str, Any]]) -> None:
+    """``slowdown``: busy / quiet median s/step of one configuration; ``slowdown_vs_lora``: over LoRA's."""
+    quiet = {(r["config"], r["threads"]): r for r in rows if r["load"] == "quiet" and "error" not in r}
+    busy = [r for r in rows if r["load"] != "quiet" and "error" not in r]
+    for row in busy:
+        base = quiet.get((row["config"], row["threads"]))
+        if base is not None:
+            row["slowdown"] = row["s_per_step"] / base["s_per_step"]
+    for row in busy:
+        lora = next((r for r in busy if r["config"] == REFERENCE and r["threads"] == row["threads"]), None)
+        if row.get("slowdown") and lora is not None and lora.get("slowdown"):
+            row["slowdown_vs_lora"] = row["slowdown"] / lora["slowdown"]
 
 
 MEMORY_COLUMNS = {
     "config": "configuration",
     "threads": "threads",
+    "load": "load",
     "peak_mib": "peak RSS MiB",
     "peak_mib_vs_lora": "peak / LoRA",
     "train_peak_mib": "training peak RSS MiB",
@@ -407,14 +446,21 @@ MEMORY_COLUMNS = {
 SPEED_COLUMNS = {
     "config": "configuration",
     "threads": "threads",
+    "load": "load",
     "s_per_step": "s / step",
     "s_per_step_vs_lora": "s / step / LoRA",
+    "slowdown": "busy / quiet",
+    "slowdown_vs_lora": "slowdown / LoRA's",
     "cpu_s_per_step": "CPU s / step",
     "cpu_s_per_step_vs_lora": "CPU s / step / LoRA",
     "s_per_step_all": "s / step, each repeat",
     "first_loss": "loss step 1",
     "last_loss": "loss last step",
 }
+
+
+def row_order(row: Mapping[str, Any]) -> tuple[int, int, int]:
+    return row["threads"], LOADS.index(row["load"]), CONFIGS.index(row["config"])
 
 
 def build_tables(rows: list[dict[str, Any]], device: str) -> str:
@@ -439,16 +485,17 @@ def build_tables(rows: list[dict[str, Any]], device: str) -> str:
 
     def render(columns: Mapping[str, str]) -> str:
         table_rows = []
-        for row in sorted(rows, key=lambda r: (r["threads"], CONFIGS.index(r["config"]))):
+        for row in sorted(rows, key=row_order):
             if "error" in row:
                 table_rows.append(
                     {
                         "configuration": row["config"],
                         "threads": row["threads"],
+                        "load": row["load"],
                         "s / step": None,
                     }
                 )
-                table_rows[-1][list(columns.values())[2]] = f"failed: {row['error']}"
+                table_rows[-1][list(columns.values())[3]] = f"failed: {row['error']}"
                 continue
             line = {label: row.get(key) for key, label in columns.items()}
             if "s / step, each repeat" in line:
@@ -466,7 +513,11 @@ def plot_memory(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if "error" not in r and r["threads"] == min(x["threads"] for x in rows)]
+    ok = [
+        r
+        for r in rows
+        if "error" not in r and r["load"] == "quiet" and r["threads"] == min(x["threads"] for x in rows)
+    ]
     if not ok:
         return
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
@@ -524,6 +575,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2,
         help="rounds over the configurations (interleaved)",
     )
+    parser.add_argument(
+        "--load",
+        nargs="+",
+        choices=LOADS,
+        default=["quiet"],
+        help="quiet, and/or busy: beside a process spinning on --busy-core (interleaved with quiet runs)",
+    )
+    parser.add_argument("--busy-core", type=int, default=None, help="default: the highest-numbered core")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the saved model here")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker")
@@ -538,6 +597,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.compute_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.configs is None:
         args.configs = [c for c in CONFIGS if c not in CPU_ONLY or args.device == "cpu"]
+    if "busy" in args.load and args.busy_core is None:
+        args.busy_core = default_core()
     return args
 
 
@@ -579,30 +640,37 @@ def run_all(
     runs: dict[str, list[dict[str, Any]]] = {}
     for threads in args.threads:
         for round_index, name in interleaved(args.configs, args.repeats):
-            key = f"{name}@{threads}"
-            if any(not r.get("ok") for r in runs.get(key, [])):
-                continue
-            cmd = [
-                "--worker",
-                name,
-                "--model-dir",
-                str(model_dir),
-                *worker_args(args, threads),
-            ]
-            result = run_worker(__spec__.name, cmd, args.timeout)
-            runs.setdefault(key, []).append(result)
-            brief = (
-                f"{result['s_per_step']:.2f} s/step, peak {result['peak_mib']:.0f} MiB, anon. "
-                f"{result['peak_anon_sampled_mib']:.0f}, file {result['peak_file_sampled_mib']:.0f}"
-                if result.get("ok")
-                else f"failed: {result.get('error')}"
-            )
-            print(
-                f"{threads} thread(s), round {round_index + 1}, {name}: {brief}",
-                flush=True,
-            )
-            after_each(runs)
+            loads = args.load if round_index % 2 == 0 else list(reversed(args.load))
+            for load in loads:
+                run_one(args, model_dir, runs, round_index, name, threads, load)
+                after_each(runs)
     return runs
+
+
+def run_one(
+    args: argparse.Namespace,
+    model_dir: Path,
+    runs: dict[str, list[dict[str, Any]]],
+    round_index: int,
+    name: str,
+    threads: int,
+    load: str,
+) -> None:
+    """One worker (beside a busy core for ``load == "busy"``); its result is appended to `runs`."""
+    key = run_key(name, threads, load)
+    if any(not r.get("ok") for r in runs.get(key, [])):
+        return
+    cmd = ["--worker", name, "--model-dir", str(model_dir), *worker_args(args, threads)]
+    with busy_core(args.busy_core if load == "busy" else None):
+        result = run_worker(__spec__.name, cmd, args.timeout, extra_env=CONFIG_ENV.get(name))
+    runs.setdefault(key, []).append(result)
+    brief = (
+        f"{result['s_per_step']:.2f} s/step, peak {result['peak_mib']:.0f} MiB, anon. "
+        f"{result['peak_anon_sampled_mib']:.0f}, file {result['peak_file_sampled_mib']:.0f}"
+        if result.get("ok")
+        else f"failed: {result.get('error')}"
+    )
+    print(f"{threads} thread(s), {load}, round {round_index + 1}, {name}: {brief}", flush=True)
 
 
 def describe(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
@@ -623,7 +691,15 @@ def describe(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
         f"median step, best of {args.repeats} interleaved repeats; ratios are to LoRA at the same thread "
         "count. Peak RSS: the worker's VmHWM from after its imports (loading included); anon. / file-backed "
         "peak: RssAnon / RssFile sampled every 10 ms (the file-backed part is pages of the memory-mapped "
-        "checkpoint, which the kernel can drop). CPU s / step: process CPU time.\n\n"
+        "checkpoint, which the kernel can drop). CPU s / step: process CPU time."
+        + (
+            f" Busy: beside a process spinning on core {args.busy_core}, started before the worker and "
+            "stopped after it; busy / quiet is one configuration's slowdown, slowdown / LoRA's that over "
+            "LoRA's at the same thread count."
+            if "busy" in args.load
+            else ""
+        )
+        + "\n\n"
     )
 
 
@@ -647,6 +723,8 @@ def write_all(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
                     "repeats",
                     "compute_dtype",
                     "seed",
+                    "load",
+                    "busy_core",
                 )
             },
             "batch": 1,

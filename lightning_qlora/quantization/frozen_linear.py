@@ -10,7 +10,10 @@ Where the backend can dequantize a band of rows (`WeightTiles`), the weight is d
 multiplied one band at a time: a band of a few megabytes is still in cache when the matmul reads it,
 so a large full-precision weight never goes out to memory and back (on a CPU, memory bandwidth, not
 arithmetic, is what dequantizing costs), and the workspace is one band, not the largest layer. Bands
-much smaller than that lose more to many small matmuls than they gain in cache.
+much smaller than that lose more to many small matmuls than they gain in cache. Where the backend also
+describes its packed weight (`WeightTiles.packed`) and the native operator is built, the whole band loop,
+forward and backward, runs as that operator (`backends.linear4bit_op`) on torch's own threads, with the
+same results.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_qlora.quantization.backends import linear4bit_op
+from lightning_qlora.quantization.backends.linear4bit_op import PackedWeight4bit
 from lightning_qlora.quantization.workspace import workspace
 
 # Writes a layer's (out, in) weight into the given buffer and returns it.
@@ -32,10 +37,12 @@ DequantizeInto = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class WeightTiles:
     """A weight dequantized `rows` rows at a time: `into(layer, out, first_row)` writes rows ``first_row``
-    to ``first_row + out.shape[0]`` into `out` and returns it."""
+    to ``first_row + out.shape[0]`` into `out` and returns it. `packed`, where given, is the same weight
+    for the native operator, which then runs the band loop itself."""
 
     rows: int
     into: Callable[[nn.Linear, torch.Tensor, int], torch.Tensor]
+    packed: PackedWeight4bit | None = None
 
 
 def frozen_linear(
@@ -55,6 +62,13 @@ def frozen_linear(
     x = x.to(compute_dtype)
     if bias is not None:
         bias = bias.to(compute_dtype)
+    if (
+        tiles is not None
+        and tiles.packed is not None
+        and x.device.type == "cpu"
+        and linear4bit_op.available()
+    ):
+        return linear4bit_op.linear4bit(x, tiles.packed, bias, tiles.rows).to(inp_dtype)
     if tiles is not None and tiles.rows >= layer.out_features:
         tiles = None  # one band is the whole weight
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):

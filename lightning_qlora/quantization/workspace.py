@@ -13,6 +13,8 @@ import threading
 
 import torch
 
+from lightning_qlora.quantization.backends import linear4bit_op
+
 _local = threading.local()
 
 
@@ -44,10 +46,11 @@ def workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) 
 
 
 def workspace_bytes() -> int:
-    """Bytes this thread's buffers hold (for reports and tests)."""
-    return sum(b.numel() * b.element_size() for b in _buffers().values())
+    """Bytes this thread's buffers hold, the native operator's band buffers too (for reports and tests)."""
+    return sum(b.numel() * b.element_size() for b in _buffers().values()) + linear4bit_op.workspace_bytes()
 
 
 def release_workspace() -> None:
-    """Drop this thread's buffers (they are rebuilt on the next 4-bit matmul)."""
+    """Drop this thread's buffers, the native operator's too (they are rebuilt on the next 4-bit matmul)."""
     _buffers().clear()
+    linear4bit_op.release_workspace()

@@ -25,6 +25,7 @@ from torch import nn
 
 from lightning_qlora._bnb import bitsandbytes
 from lightning_qlora.quantization.backends.base import QuantizationFormat
+from lightning_qlora.quantization.backends.linear4bit_op import PackedWeight4bit
 from lightning_qlora.quantization.frozen_linear import WeightTiles, frozen_linear
 
 bitsandbytes()  # a missing install fails here with a message that names the fix
@@ -139,6 +140,18 @@ def _log_own_decode(in_features: int, blocksize: int) -> None:
     )
 
 
+@torch.compiler.assume_constant_result
+def _kernel_loaded() -> bool:
+    """`cpu_kernel()` is not None, as a constant to torch.compile (which cannot trace an import)."""
+    return cpu_kernel() is not None
+
+
+@torch.compiler.assume_constant_result
+def _torch_threads() -> int:
+    """`torch.get_num_threads()`, as a constant to torch.compile (a compiled graph keeps its bands)."""
+    return torch.get_num_threads()
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPUs on which bf16 matmuls are fast."""
@@ -242,15 +255,15 @@ class BitsandbytesBackend:
         """Bands of rows of about `TILE_BYTES_PER_THREAD` bytes of `dtype` per torch thread that the native
         kernel can write on their own (a band starts a block of nested blocks), so each band's
         dequantization and matmul use every thread; None where only whole weights can be dequantized."""
-        if cpu_kernel() is None:
+        if not _kernel_loaded():
             return None
         state = _state(_params(layer))
         step = state.blocksize * (state.state2.blocksize if state.nested else 1)
         cols = layer.in_features
         align = step // math.gcd(cols, step)  # rows * cols is a multiple of step
-        values = TILE_BYTES_PER_THREAD * torch.get_num_threads() // dtype.itemsize
+        values = TILE_BYTES_PER_THREAD * _torch_threads() // dtype.itemsize
         rows = max(align, values // cols // align * align)
-        return WeightTiles(rows, self.dequantize_into)
+        return WeightTiles(rows, self.dequantize_into, _packed_weight(layer))
 
     def dequantize_into(self, layer: nn.Linear, out: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """The weight (or, from `first_row`, as many rows as `out` holds: the native kernel only)."""
@@ -376,6 +389,23 @@ def _unpacked_for_cpu(weight: Params4bit) -> tuple[torch.Tensor, QuantState]:
     if getattr(state, "packing_format_for_cpu", False):
         data, state = _convert_weight_packed_for_cpu_inverse(data, state)
     return data, state
+
+
+def _packed_weight(layer: nn.Linear) -> PackedWeight4bit:
+    """The layer's 4-bit weight as plain tensors, for the native CPU operator."""
+    data, state = _unpacked_for_cpu(_params(layer))
+    nested = state.state2 if state.nested else None
+    return PackedWeight4bit(
+        packed=data.view(-1),
+        code=state.code,
+        absmax=state.absmax,
+        blocksize=state.blocksize,
+        shape=(layer.out_features, layer.in_features),
+        nested_code=nested.code if nested is not None else None,
+        nested_absmax=nested.absmax if nested is not None else None,
+        nested_blocksize=nested.blocksize if nested is not None else 256,
+        offset=state.offset if nested is not None else None,
+    )
 
 
 # Values decoded per step of the torch fallback: bounds its temporaries (indices, scales) to a few MiB.
