@@ -64,7 +64,7 @@ def detect_format(record: SourcedRecord, columns: Mapping[str, str]) -> str:
 
 def _string(value: Any, what: str, where: str) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{where}: {what} is {_json_type(value)} ({value!r:.40}), expected a string")
+        raise DataError(f"{where}: field {what!r} is {_json_type(value)} ({value!r:.40}), expected a string")
     return value
 
 
