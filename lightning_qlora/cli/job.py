@@ -8,6 +8,7 @@ node it came from.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,6 +153,7 @@ def build(cfg: DictConfig) -> JobParts:
         read_records = getattr(datamodule, "read_records", None)
         if callable(read_records):  # the packaged data modules: every file problem before the model loads
             read_records()
+        print_data_report(datamodule, trainer)
     with building("model"):
         model = instantiate(cfg.model)
     with building("lora.export_module"):  # a wrong name would otherwise fail only after training
@@ -160,6 +162,16 @@ def build(cfg: DictConfig) -> JobParts:
     return JobParts(
         precision, lora, throughput, fit_validation, interrupt, curves, datamodule, model, loggers, trainer
     )
+
+
+def print_data_report(datamodule: Any, trainer: pl.Trainer) -> None:
+    """What the model will be trained on (examples, tokens, truncated, packing), before the model loads."""
+    report = getattr(datamodule, "data_report", None)
+    if not callable(report) or not trainer.is_global_zero:
+        return
+    from lightning_qlora.tasks.instruction import format_data_report
+
+    logging.getLogger("lightning_qlora").info("%s", format_data_report(report()))
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any]:

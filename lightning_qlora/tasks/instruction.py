@@ -502,6 +502,8 @@ class CausalLMInstructionModule(TokenCountingModule):
         self.exact_match = exact_match
         self.chunk_tokens = self._loss_chunk_tokens(chunked_loss, loss_chunk_tokens)
         self.step_loss = StepTokenMean()
+        self.last_step_loss: float | None = None
+        """The token-mean loss of the last optimizer step (the curves read it)."""
         self.val_loss = MeanMetric()
         self.val_exact_match = MeanMetric()
         self._sample_prompts: list[Tensor] = []
@@ -567,6 +569,7 @@ class CausalLMInstructionModule(TokenCountingModule):
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Scale the gradients to the token mean of the whole step (micro-batches and ranks)."""
         loss, tokens = self.step_loss.finish_step(self)
+        self.last_step_loss = loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("train/target_tokens", float(tokens), on_step=True, on_epoch=False, rank_zero_only=True)
 

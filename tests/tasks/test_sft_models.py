@@ -4,6 +4,9 @@ rows whose per-token losses equal the unpacked ones, and a loss that is the toke
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +187,25 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch() -> None
     with torch.no_grad():
         naive = sum(reference.loss_sum(b)[0] / c for b, c in zip(batches, counts, strict=True)) / 4
     assert abs(float(naive) - float(loss_sum.detach() / n)) > 1e-3
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_give_the_gradients_of_one_process(tmp_path: Path) -> None:
+    """Ranks with different token counts: the all-reduced step is the token mean over both ranks."""
+    script = Path(__file__).with_name("token_loss_ddp_script.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    dm = InstructionDataModule(batch_size=8)
+    dm.setup()
+    torch.manual_seed(0)
+    reference = TrainableLM(model_config=TINY, num_samples_to_generate=0)
+    loss_sum, n = reference.loss_sum(dm.collate([dm.datasets["train"][i] for i in range(8)]))
+    (loss_sum / n).backward()
+    for name, p in reference.named_parameters():
+        for rank in ranks:
+            torch.testing.assert_close(rank["grads"][name], p.grad, rtol=0, atol=1e-6, msg=name)
+    assert ranks[0]["loss"] == pytest.approx(float(loss_sum.detach() / n), rel=1e-6)
