@@ -61,9 +61,10 @@ class CurveRecorder(Callback):
             return
         step = trainer.global_step
         # a module whose backward runs on a summed loss states each optimizer step's mean loss itself
-        step_loss = getattr(pl_module, "last_step_loss", None)
-        if step_loss is not None:
-            if not self.curves.train_loss or self.curves.train_loss[-1][0] != step:
+        if hasattr(pl_module, "last_step_loss"):
+            step_loss = pl_module.last_step_loss  # None until the first optimizer step
+            recorded = self.curves.train_loss[-1][0] if self.curves.train_loss else None
+            if step_loss is not None and recorded != step:
                 self.curves.train_loss.append((step, float(step_loss)))
         else:
             loss = _number(outputs.get("loss") if isinstance(outputs, dict) else outputs)
