@@ -62,10 +62,10 @@ class CurveRecorder(Callback):
         step = trainer.global_step
         # a module whose backward runs on a summed loss states each optimizer step's mean loss itself
         if hasattr(pl_module, "last_step_loss"):
-            step_loss = pl_module.last_step_loss  # None until the first optimizer step
+            step_loss = _number(pl_module.last_step_loss)  # None before the first step
             recorded = self.curves.train_loss[-1][0] if self.curves.train_loss else None
             if step_loss is not None and recorded != step:
-                self.curves.train_loss.append((step, float(step_loss)))
+                self.curves.train_loss.append((step, step_loss))
         else:
             loss = _number(outputs.get("loss") if isinstance(outputs, dict) else outputs)
             if loss is not None:
