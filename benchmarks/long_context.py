@@ -9,7 +9,8 @@ layer but the head, ``QLoRAStrategy`` with activation checkpointing on every ``L
 1 of random tokens, every token a target (the worst case for the logits; with a masked prompt the
 chunked path also skips the prompt's rows). Each (configuration, length) runs in a fresh process; the
 number is the peak resident set during training (``VmHWM`` reset once the model is set up), on CUDA
-``torch.cuda.max_memory_allocated``. Lengths run interleaved, shortest first.
+``torch.cuda.max_memory_allocated``. The table is rewritten after every run, so a sweep cut short keeps
+what it measured.
 
 Run: ``python -m benchmarks.long_context [--lengths 512 1024 2048 4096 8192] [--steps 1]``
 """
@@ -116,12 +117,19 @@ def main(argv: list[str] | None = None) -> int:
             return worker_main(args)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for length in sorted(args.lengths):
-        for mode in MODES if len(rows) % 4 == 0 else reversed(MODES):
+    for index, length in enumerate(args.lengths):
+        for mode in MODES if index % 2 == 0 else tuple(reversed(MODES)):
             cmd = ["--worker", mode, "--length", str(length), "--steps", str(args.steps)]
             cmd += ["--threads", str(args.threads or 0)]
             print(f"{mode} {length} ...", flush=True)
             rows.append(run_worker(__spec__.name, cmd, args.timeout))
+            table = write_table(args, rows)  # after every run: a long sweep keeps what it measured
+    report_written(args.out, args.name, table, time.perf_counter() - started)
+    return 0
+
+
+def write_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
+    """The results so far, one table row per length, written to ``<out>/<name>.{md,json}``."""
     by_length: dict[int, dict[str, Any]] = {}
     for row in rows:
         by_length.setdefault(row["length"], {})[row["mode"]] = row
@@ -129,25 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     for length, pair in sorted(by_length.items()):
         plain, chunked = pair.get("plain", {}), pair.get("chunked", {})
         p, c = plain.get("train_peak_mib"), chunked.get("train_peak_mib")
-        logits_mib = length * (chunked.get("vocab") or plain.get("vocab") or 0) * 4 / 2**20
+        vocab = chunked.get("vocab") or plain.get("vocab") or 0
         table_rows.append(
             {
                 "tokens": length,
                 "plain peak MiB": p,
                 "chunked peak MiB": c,
                 "saved MiB": (p - c) if p is not None and c is not None else None,
-                "fp32 logits MiB": logits_mib,
+                "fp32 logits MiB": length * vocab * 4 / 2**20,
                 "plain s/step": plain.get("s_per_step"),
                 "chunked s/step": chunked.get("s_per_step"),
                 "error": "; ".join(r["error"] for r in (plain, chunked) if r.get("error")) or None,
             }
         )
-    columns = list(table_rows[0]) if table_rows else []
-    table = markdown_table(table_rows, columns)
-    payload = {"machine": machine_info(), "args": vars(args) | {"out": str(args.out)}, "runs": rows}
+    table = markdown_table(table_rows, list(table_rows[0]))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "result", "config_json")}
+    payload = {"machine": machine_info(), "args": settings, "runs": rows}
     write_results(args.out, args.name, payload, table)
-    report_written(args.out, args.name, table, time.perf_counter() - started)
-    return 0
+    return table
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ CASES = [
                  marks=pytest.mark.slow),
     pytest.param("custom_task.py", ["smoke=true", "lora.r=4"], "3 steps, training accuracy",
                  marks=pytest.mark.slow),
+    pytest.param("chat_sft.py", ["--smoke"], "3 steps: validation loss on the answers",
+                 marks=pytest.mark.slow),
 ]  # fmt: skip
 
 
@@ -51,3 +53,18 @@ def test_example_runs(script: str, args: list[str], expected: str, tmp_path: Pat
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{script} exited with {proc.returncode}:\n{output[-4000:]}"
     assert expected in output, f"{script} did not print {expected!r}:\n{output[-4000:]}"
+
+
+def test_chat_sft_help_imports_neither_torch_nor_transformers() -> None:
+    """`--help` is read before the heavy imports, so it answers at once."""
+    probe = (
+        "import runpy, sys; sys.argv = ['chat_sft.py', '--help']\n"
+        "try:\n    runpy.run_path({!r}, run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'lightning') if m in sys.modules]\n"
+        "print('heavy imports:', heavy)\n"
+    ).format(str(EXAMPLES / "chat_sft.py"))
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--smoke" in proc.stdout
+    assert "heavy imports: []" in proc.stdout
