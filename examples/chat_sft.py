@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512, help="tokens per packed row")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--export-dir", default=None, help="write the adapters here (PEFT format)")
-    parser.add_argument("--smoke", action="store_true", help="3 optimizer steps: check that it runs")
+    parser.add_argument("--smoke", action="store_true", help="3 steps of 4 examples: check that it runs")
     return parser.parse_args(argv)
 
 
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     data = InstructionDataModule(
         data_dir=args.data,
         tokenizer_path=args.model,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
+        batch_size=4 if args.smoke else args.batch_size,
+        max_length=256 if args.smoke else args.max_length,
         packing=True,
     )
     model = CausalLMInstructionModule(
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         val_check_interval=None,
         logger=False,
         enable_checkpointing=False,
+        inference_mode=False,  # metric states made by validate() must stay updatable by fit's validation
     )
     print(format_data_report(data.data_report()))  # every bad record is reported here, before training
     trainer.validate(model, datamodule=data, verbose=False)

@@ -305,7 +305,13 @@ class InstructionDataModule(JsonlDataModule):
             return self.raw
         splits = read_folder(self.data_dir, self.validation_split, self.seed)
         fmt = self.format or detect_format(splits["train"][0], self.columns)
-        if fmt == "messages" or self.chat_template:
+        if fmt == "messages" and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"{self.data_dir} holds conversations (messages), which need a tokenizer with a chat "
+                f"template; {self.tokenizer.name_or_path!r} has none. Use a chat model's folder "
+                "(model.pretrained_path, or data.tokenizer_path)."
+            )
+        if self.chat_template:
             format_chat_prompt({"instruction": ""}, self.tokenizer)  # no chat template: say so now
         self.resolved_format = fmt
         raw: dict[str, Dataset] = {}

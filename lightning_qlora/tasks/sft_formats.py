@@ -31,6 +31,11 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "input", "output"),
 }
 """The names ``columns`` may map, per format."""
+NEEDS: dict[str, str] = {
+    "messages": "messages (a list of turns with role and content)",
+    "prompt_completion": "prompt and completion",
+    "alpaca": "instruction and output (input optional)",
+}
 
 
 def check_format_settings(fmt: str | None, columns: Mapping[str, str] | None) -> None:
@@ -72,8 +77,8 @@ def _field(record: Mapping[str, Any], name: str, column: str, where: str, fmt: s
     if column not in record:
         mapped = f" (data.columns maps {name!r} to {column!r})" if column != name else ""
         raise DataError(
-            f"{where}: missing field {column!r}{mapped}; a {fmt} record needs "
-            f"{', '.join(FIELDS[fmt])}; found {', '.join(map(repr, record)) or 'no fields'}"
+            f"{where}: missing field {column!r}{mapped}; {fmt} records need {NEEDS[fmt]}; "
+            f"found {', '.join(map(repr, record)) or 'no fields'}"
         )
     return record[column]
 

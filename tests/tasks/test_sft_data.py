@@ -225,3 +225,15 @@ def test_the_command_refuses_bad_chat_data_before_the_model(tmp_path: Path, smol
     cause = r"^data: DataError: .*train\.jsonl:4: turn 0: field 'content' is an integer"
     with pytest.raises(SetupError, match=cause):
         build(cfg)  # the model folder does not even exist: the data is checked first
+
+
+def test_conversations_need_a_tokenizer_with_a_chat_template(tmp_path: Path) -> None:
+    folder = write_jsonl(tmp_path / "d", CHATS, CHATS)
+    dm = InstructionDataModule(data_dir=str(folder))  # MiniLM's tokenizer: no chat template
+    with pytest.raises(
+        ValueError, match=r"holds conversations \(messages\), which need a tokenizer with a chat"
+    ):
+        dm.read_records()
+    alpaca = write_jsonl(tmp_path / "a", [{"instruction": "x"}], [{"instruction": "x"}])
+    with pytest.raises(DataError, match=r"jsonl:1: missing field 'output'; alpaca records need instruction"):
+        InstructionDataModule(data_dir=str(alpaca)).read_records()
