@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.validate(model, datamodule=data, verbose=False)
     before = float(trainer.callback_metrics["val/loss"])
     trainer.fit(model, datamodule=data)
+    trainer.validate(model, datamodule=data, verbose=False)
     after = float(trainer.callback_metrics["val/loss"])
     print(f"{trainer.global_step} steps: validation loss on the answers {before:.3f} -> {after:.3f}")
 
