@@ -129,25 +129,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
-    """The results so far, one table row per length, written to ``<out>/<name>.{md,json}``."""
-    by_length: dict[int, dict[str, Any]] = {}
+    """The results so far, one table row per length (the mean of repeated runs, with their spread),
+    written to ``<out>/<name>.{md,json}``."""
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {}
     for row in rows:
-        by_length.setdefault(row["length"], {})[row["mode"]] = row
+        runs.setdefault(row["length"], {}).setdefault(row["mode"], []).append(row)
+
+    def mean(found: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in found if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
     table_rows = []
-    for length, pair in sorted(by_length.items()):
-        plain, chunked = pair.get("plain", {}), pair.get("chunked", {})
-        p, c = plain.get("train_peak_mib"), chunked.get("train_peak_mib")
-        vocab = chunked.get("vocab") or plain.get("vocab") or 0
+    for length, pair in sorted(runs.items()):
+        plain, chunked = pair.get("plain", []), pair.get("chunked", [])
+        p, c = mean(plain, "train_peak_mib"), mean(chunked, "train_peak_mib")
+        vocab = next((r["vocab"] for r in plain + chunked if r.get("vocab")), 0)
+        peaks = [[r["train_peak_mib"] for r in g if r.get("train_peak_mib")] for g in (plain, chunked)]
+        spread = max((max(v) - min(v) for v in peaks if len(v) > 1), default=None)
         table_rows.append(
             {
                 "tokens": length,
+                "runs": f"{len(plain)} + {len(chunked)}",
                 "plain peak MiB": p,
                 "chunked peak MiB": c,
                 "saved MiB": (p - c) if p is not None and c is not None else None,
                 "fp32 logits MiB": length * vocab * 4 / 2**20,
-                "plain s/step": plain.get("s_per_step"),
-                "chunked s/step": chunked.get("s_per_step"),
-                "error": "; ".join(r["error"] for r in (plain, chunked) if r.get("error")) or None,
+                "repeat spread MiB": spread,
+                "plain s/step": mean(plain, "s_per_step"),
+                "chunked s/step": mean(chunked, "s_per_step"),
+                "error": "; ".join(r["error"] for r in plain + chunked if r.get("error")) or None,
             }
         )
     table = markdown_table(table_rows, list(table_rows[0]))
