@@ -27,6 +27,7 @@ EXPECTED = {
     "export_peft_merge.py": "merged model vs the trained model",
     "ddp.py": "rank 1: 2 steps, adapters identical to rank 0's: True",
     "custom_task.py": "3 steps, training accuracy",
+    "chat_sft.py": "3 steps: validation loss on the answers",
 }
 
 # Runs a script as `python <script> <args>` would, then names the heavy modules it imported.

@@ -70,3 +70,27 @@ def tiny_llama(cls: type | None = None, seed: int = 0, **overrides: int) -> nn.M
 def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+TINY_SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+CAUSAL_LM_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma")
+
+
+def save_tiny_causal_lm(architecture: str, folder: str, tokenizer: object, seed: int = 0) -> str:
+    """A random two-layer causal LM of one architecture written with `save_pretrained`, with `tokenizer`
+    beside it: a stand-in for a user's model folder (each family's own config and modelling code)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    ids = {
+        "vocab_size": len(tokenizer),  # type: ignore[arg-type]
+        "pad_token_id": tokenizer.pad_token_id,  # type: ignore[attr-defined]
+        "bos_token_id": tokenizer.bos_token_id,  # type: ignore[attr-defined]
+        "eos_token_id": tokenizer.eos_token_id,  # type: ignore[attr-defined]
+    }
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    config = AutoConfig.for_model(architecture, **TINY_SIZES, **heads, **ids, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
+    return folder

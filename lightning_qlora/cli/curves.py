@@ -60,9 +60,16 @@ class CurveRecorder(Callback):
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
-        loss = _number(outputs.get("loss") if isinstance(outputs, dict) else outputs)
-        if loss is not None:
-            self.curves.train_loss.append((step, loss))
+        # a module whose backward runs on a summed loss states each optimizer step's mean loss itself
+        if hasattr(pl_module, "last_step_loss"):
+            step_loss = _number(pl_module.last_step_loss)  # None before the first step
+            recorded = self.curves.train_loss[-1][0] if self.curves.train_loss else None
+            if step_loss is not None and recorded != step:
+                self.curves.train_loss.append((step, step_loss))
+        else:
+            loss = _number(outputs.get("loss") if isinstance(outputs, dict) else outputs)
+            if loss is not None:
+                self.curves.train_loss.append((step, loss))
         self.curves.rss_mib.append((step, self._process.memory_info().rss / 2**20))
         if pl_module.device.type == "cuda":
             self.curves.cuda_mib.append((step, torch.cuda.memory_allocated(pl_module.device) / 2**20))

@@ -8,6 +8,7 @@ node it came from.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pickletools
 import zipfile
@@ -164,6 +165,7 @@ def build(cfg: DictConfig) -> JobParts:
         read_records = getattr(datamodule, "read_records", None)
         if callable(read_records):  # the packaged data modules: every file problem before the model loads
             read_records()
+        print_data_report(datamodule, trainer)
     with building("model"):
         model = instantiate(cfg.model)
     with building("data.max_length"):  # before training: positions past the model's fail mid-epoch
@@ -187,6 +189,16 @@ def check_max_length(datamodule: Any, model: Any) -> None:
             f"({type(network).__name__}: max_position_embeddings={positions}); longer examples would fail or "
             f"read garbage positions. Pass data.max_length={positions} or less."
         )
+
+
+def print_data_report(datamodule: Any, trainer: pl.Trainer) -> None:
+    """What the model will be trained on (examples, tokens, truncated, packing), before the model loads."""
+    report = getattr(datamodule, "data_report", None)
+    if not callable(report) or not trainer.is_global_zero:
+        return
+    from lightning_qlora.tasks.instruction import format_data_report
+
+    logging.getLogger("lightning_qlora").info("%s", format_data_report(report()))
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any]:

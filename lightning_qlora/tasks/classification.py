@@ -235,9 +235,9 @@ class JsonlDataModule(pl.LightningDataModule):
         self.setup()
         if "batch_sampler" not in kwargs:
             kwargs["batch_size"] = self.batch_size
+        kwargs.setdefault("collate_fn", self.collate)
         return ResumableDataLoader(
             self.datasets[split],
-            collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             **kwargs,

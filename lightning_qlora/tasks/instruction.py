@@ -18,8 +18,8 @@ from datasets import Dataset
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
+from lightning_qlora.losses import causal_lm_loss_sum, chunk_tokens_for
 from lightning_qlora.pretrained import resolve_model_path
 from lightning_qlora.resumable import EpochRandomSampler
 
@@ -33,6 +33,10 @@ from .classification import (
     pad_sequences,
 )
 from .data_files import DataError, RecordSchema
+from .packing import collate_packed, packed_token_efficiency
+from .record_files import read_folder
+from .sft_formats import ROLES, check_format_settings, detect_format, encode_messages, normalize_record
+from .token_loss import StepTokenMean
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,6 +64,12 @@ TINY_LLAMA_CONFIG: dict[str, Any] = dict(
     max_position_embeddings=512,
 )
 """Defaults for a from-scratch model: small enough to train a few steps on a CPU in tests."""
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling")
+"""Config fields of models whose forward rescales the logits (Cohere, Granite): they keep the plain loss."""
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 def format_prompt(record: Mapping[str, Any]) -> str:
@@ -125,11 +135,31 @@ def encode_instruction(
             tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
         )
     response = [*tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"], eos]
+    return join_pair(*truncate_pair(prompt, response, max_length))
+
+
+def truncate_pair(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut a (prompt, response) pair to ``max_length``: the response keeps at least a quarter of it and
+    the prompt loses its start (see :func:`encode_instruction`)."""
     if len(prompt) + len(response) > max_length:
         keep_response = min(len(response), max(max_length - len(prompt), max_length // 4))
         response = response[:keep_response]
         prompt = prompt[len(prompt) - (max_length - keep_response) :]
+    return prompt, response
+
+
+def join_pair(prompt: list[int], response: list[int]) -> dict[str, list[int]]:
     return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+
+
+def prompt_ids(text: str, tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[int]:
+    """A prompt's ids: through the chat template as a user turn, or as plain text after the BOS."""
+    if chat_template:
+        messages = [{"role": "user", "content": text}]
+        rendered = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    bos = special_token_ids(tokenizer)[0]
+    return ([bos] if bos is not None else []) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class LengthGroupedBatchSampler(BatchSampler):
@@ -193,14 +223,20 @@ class LengthGroupedBatchSampler(BatchSampler):
 
 
 class InstructionDataModule(JsonlDataModule):
-    """Packaged instruction records, with response-only labels and (optionally) length-grouped batches.
+    """Instruction or chat records, with labels on the responses only, padded or packed batches.
 
     Use the tokenizer of the model being trained: the MiniLM default matches
     :class:`CausalLMInstructionModule` built from a config; for a pretrained model pass its folder (or a
     name of :mod:`lightning_qlora.pretrained`). ``dataset`` names a packaged folder (``alpaca``: open-ended
     answers; ``skills``: computed answers, for exact match) and is ignored when ``data_dir`` is given.
-    ``chat_template`` prompts through the tokenizer's chat template instead of the alpaca template;
-    ``eval_batch_size`` (default: ``batch_size``) sizes validation batches, which generation makes slow.
+    ``data_dir`` is any folder :func:`.record_files.read_folder` reads (JSON Lines, Parquet, Arrow, a
+    ``save_to_disk`` folder) in one of the formats of :mod:`.sft_formats`, recognised from the keys of the
+    first record or named by ``format``; ``columns`` and ``roles`` map the user's names onto the format's.
+    ``chat_template`` prompts through the tokenizer's chat template instead of the alpaca template (the
+    ``messages`` format always uses it). ``truncation=False`` refuses, before training, an example longer
+    than ``max_length`` instead of cutting it. ``packing`` puts the examples of each training batch into
+    as few rows of ``max_length`` tokens as fit (:mod:`.packing`). ``eval_batch_size`` (default:
+    ``batch_size``) sizes validation batches, which generation makes slow.
     """
 
     default_data = "alpaca"
@@ -218,12 +254,21 @@ class InstructionDataModule(JsonlDataModule):
         dataset: str = "alpaca",
         chat_template: bool = False,
         eval_batch_size: int | None = None,
+        format: str | None = None,
+        columns: dict[str, str] | None = None,
+        roles: dict[str, str] | None = None,
+        truncation: bool = True,
+        packing: bool = False,
     ) -> None:
         packaged = sorted(p.name for p in DATA_DIR.iterdir() if (p / "train.jsonl").is_file())
         if data_dir is None and dataset not in packaged:
             raise ValueError(f"dataset={dataset!r} is not a packaged dataset; choose one of {packaged}.")
         if eval_batch_size is not None and eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be a positive integer or null, got {eval_batch_size}.")
+        check_format_settings(format, columns)
+        for key, value in (roles or {}).items():
+            if value not in ROLES:
+                raise ValueError(f"data.roles.{key}={value!r} is not a role; map onto one of {list(ROLES)}")
         if tokenizer_path is not None:  # a model name (e.g. smollm2-135m-instruct) becomes its folder
             tokenizer_path = str(resolve_model_path(tokenizer_path))
         super().__init__(
@@ -234,6 +279,14 @@ class InstructionDataModule(JsonlDataModule):
         self.group_by_length = group_by_length
         self.chat_template = chat_template
         self.eval_batch_size = eval_batch_size
+        self.format = format
+        self.columns = dict(columns or {})
+        self.roles = dict(roles or {})
+        self.truncation = truncation
+        self.packing = packing
+        self.resolved_format: str | None = format
+        self.sources: dict[str, list[str]] = {}
+        self.stats: dict[str, dict[str, int]] = {}
         # tokenizer_path is left out: with a logger, Lightning merges these hparams with the module's and
         # refuses differing values, yet the module may hold None (its pretrained folder) for the same path.
         # The module checks that the tokenizers agree instead (on_fit_start).
@@ -245,42 +298,137 @@ class InstructionDataModule(JsonlDataModule):
         )
 
     def read_records(self) -> dict[str, Dataset]:
-        """The checked records; with ``chat_template``, also refuse a tokenizer without one (before a model
-        loads: the training command reads the data first)."""
-        records = super().read_records()
-        for split, data in records.items():
-            if len(data) and not any(str(output).strip() for output in data["output"]):
-                raise DataError(
-                    f'{self.data_dir}: every {split} record\'s "output" is empty, so there is nothing to '
-                    "learn (the loss is on the response alone). Fill in the outputs, or remove those records."
-                )
+        """Read, check and tokenize both splits (once), before any model loads: a bad record, a tokenizer
+        without the chat template the data needs, or (``truncation=False``) a too long example is an
+        error naming the file and line or row."""
+        if self.raw:
+            return self.raw
+        splits = read_folder(self.data_dir, self.validation_split, self.seed)
+        fmt = self.format or detect_format(splits["train"][0], self.columns)
+        if fmt == "messages" and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"{self.data_dir} holds conversations (messages), which need a tokenizer with a chat "
+                f"template; {self.tokenizer.name_or_path!r} has none. Use a chat model's folder "
+                "(model.pretrained_path, or data.tokenizer_path)."
+            )
         if self.chat_template:
-            format_chat_prompt({"instruction": ""}, self.tokenizer)
-        return records
+            format_chat_prompt({"instruction": ""}, self.tokenizer)  # no chat template: say so now
+        self.resolved_format = fmt
+        raw: dict[str, Dataset] = {}
+        for split, records in splits.items():
+            normalized = [normalize_record(r, fmt, self.columns, self.roles) for r in records]
+            if normalized and not any(_response_text(r, fmt).strip() for r in normalized):
+                raise DataError(
+                    f"{self.data_dir}: every {split} record's {_RESPONSE_FIELD[fmt]} is empty, so there is "
+                    "nothing to learn (the loss is on the response alone). Fill in the responses, or remove "
+                    "those records."
+                )
+            self.sources[split] = [r.where for r in records]
+            raw[split] = Dataset.from_list(normalized)
+            self.datasets[split] = self._encode_split(normalized, self.sources[split], split)
+        self.raw = raw
+        return raw
+
+    def _encode_record(self, record: Mapping[str, Any], where: str) -> dict[str, list[int]]:
+        tokenizer, chat = self.tokenizer, self.chat_template
+        if self.resolved_format == "messages":
+            return encode_messages(record["messages"], tokenizer, where)
+        if self.resolved_format == "prompt_completion":
+            prompt, response_text = prompt_ids(record["prompt"], tokenizer, chat), record["completion"]
+        else:
+            prompt = (
+                prompt_ids(chat_user_message(record), tokenizer, True)
+                if chat
+                else prompt_ids(format_prompt(record), tokenizer, False)
+            )
+            response_text = record["output"]
+        eos = special_token_ids(tokenizer)[1]
+        return join_pair(prompt, [*tokenizer(str(response_text), add_special_tokens=False)["input_ids"], eos])
+
+    def _encode_split(self, records: list[dict[str, Any]], sources: list[str], split: str) -> Dataset:
+        max_length = self.max_length
+        columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        truncated = 0
+        for record, where in zip(records, sources, strict=True):
+            example = self._encode_record(record, where)
+            length = len(example["input_ids"])
+            if length > max_length:
+                if not self.truncation:
+                    raise DataError(
+                        f"{where}: {length} tokens, more than data.max_length={max_length} with "
+                        "data.truncation=false; raise max_length, shorten the record or set truncation=true"
+                    )
+                truncated += 1
+                if self.resolved_format == "messages":
+                    example = {k: v[:max_length] for k, v in example.items()}
+                else:
+                    prompt_len = example["labels"].count(IGNORE_INDEX)
+                    ids = example["input_ids"]
+                    example = join_pair(*truncate_pair(ids[:prompt_len], ids[prompt_len:], max_length))
+            columns["input_ids"].append(example["input_ids"])
+            columns["labels"].append(example["labels"])
+        self.stats[split] = {
+            "examples": len(records),
+            "tokens": sum(map(len, columns["input_ids"])),
+            "target_tokens": sum(sum(t != IGNORE_INDEX for t in labels[1:]) for labels in columns["labels"]),
+            "truncated": truncated,
+        }
+        return Dataset.from_dict(columns)
 
     def encode(self, split: Dataset) -> Dataset:
-        tokenizer, max_length, chat = self.tokenizer, self.max_length, self.chat_template
-        if chat:
-            format_chat_prompt({"instruction": ""}, tokenizer)  # no chat template: fail before the map
-        return split.map(
-            lambda r: encode_instruction(r, tokenizer, max_length, chat), remove_columns=split.column_names
-        )
+        raise NotImplementedError("InstructionDataModule encodes while reading (read_records)")
+
+    def setup(self, stage: str | None = None) -> None:
+        self.read_records()
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
         batch = self.pad_inputs(features, special_token_ids(self.tokenizer)[2])
         batch["labels"] = pad_sequences([f["labels"] for f in features], IGNORE_INDEX)
         return batch
 
+    def collate_packed(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+        return collate_packed(features, self.max_length, special_token_ids(self.tokenizer)[2])
+
+    def train_batches(self) -> list[list[int]]:
+        """The first epoch's training batches (indices), as the training loader draws them."""
+        sampler = self.train_dataloader().batch_sampler  # a new sampler: drawing it moves no other
+        assert sampler is not None
+        return list(sampler)
+
+    def data_report(self) -> dict[str, Any]:
+        """What training will see: examples, tokens, truncated examples, and the share of real tokens in
+        the first epoch's batches (packed or padded)."""
+        self.read_records()
+        lengths = [len(ids) for ids in self.datasets["train"]["input_ids"]]
+        real = slots = 0
+        for batch in self.train_batches():
+            sizes = [lengths[i] for i in batch]
+            if self.packing:
+                used, total = packed_token_efficiency(sizes, self.max_length)
+            else:
+                used, total = sum(sizes), len(sizes) * max(sizes)
+            real, slots = real + used, slots + total
+        return {
+            "format": self.resolved_format,
+            "data_dir": str(self.data_dir),
+            "max_length": self.max_length,
+            "packing": self.packing,
+            "splits": dict(self.stats),
+            "token_efficiency": real / slots if slots else None,
+        }
+
     def train_dataloader(self) -> DataLoader:
-        if not self.group_by_length:
-            return super().train_dataloader()
         self.setup()
+        collate = self.collate_packed if self.packing else self.collate
+        if not self.group_by_length:
+            sampler: Any = EpochRandomSampler(self.datasets["train"], self.seed)
+            return self.loader("train", sampler=sampler, collate_fn=collate)
         lengths = [len(ids) for ids in self.datasets["train"]["input_ids"]]
         # Built inside the hook, so under DDP Lightning re-creates it around a DistributedSampler.
-        sampler = LengthGroupedBatchSampler(
+        batches = LengthGroupedBatchSampler(
             EpochRandomSampler(range(len(lengths)), self.seed), self.batch_size, lengths=lengths
         )
-        return self.loader("train", batch_sampler=sampler)
+        return self.loader("train", batch_sampler=batches, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         if self.eval_batch_size is None:
@@ -288,6 +436,23 @@ class InstructionDataModule(JsonlDataModule):
         self.setup()
         batches = BatchSampler(SequentialSampler(self.datasets["validation"]), self.eval_batch_size, False)
         return self.loader("validation", batch_sampler=batches)
+
+
+def format_data_report(report: Mapping[str, Any]) -> str:
+    """The data report as a few lines for the console."""
+    lines = [
+        f"Data: {report['data_dir']} ({report['format']}), max_length {report['max_length']}, "
+        f"packing {'on' if report['packing'] else 'off'}"
+    ]
+    for split, s in report["splits"].items():
+        lines.append(
+            f"  {split:<10} {s['examples']:>7} examples {s['tokens']:>9} tokens "
+            f"{s['target_tokens']:>9} trained tokens {s['truncated']:>5} truncated"
+        )
+    if report.get("token_efficiency") is not None:
+        what = "packed" if report["packing"] else "padded"
+        lines.append(f"  real tokens in {what} training batches: {100 * report['token_efficiency']:.1f}%")
+    return "\n".join(lines)
 
 
 class CausalLMInstructionModule(TokenCountingModule):
@@ -309,8 +474,14 @@ class CausalLMInstructionModule(TokenCountingModule):
         num_samples_to_generate: int = 2,
         max_new_tokens: int = 16,
         exact_match: bool = False,
+        chunked_loss: bool = True,
+        loss_chunk_tokens: int | None = None,
     ) -> None:
         super().__init__()
+        if loss_chunk_tokens is not None and (isinstance(loss_chunk_tokens, bool) or loss_chunk_tokens < 1):
+            raise ValueError(
+                f"loss_chunk_tokens must be a positive integer or null, got {loss_chunk_tokens!r}"
+            )
         if pretrained_path is not None and model_config is not None:
             raise ValueError("Pass either pretrained_path or model_config, not both.")
         if max_new_tokens < 1 or num_samples_to_generate < 0:
@@ -341,7 +512,11 @@ class CausalLMInstructionModule(TokenCountingModule):
         self.num_samples_to_generate = num_samples_to_generate
         self.max_new_tokens = max_new_tokens
         self.exact_match = exact_match
-        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.chunk_tokens = self._loss_chunk_tokens(chunked_loss, loss_chunk_tokens)
+        self.step_loss = StepTokenMean()
+        self.last_step_loss: float | None = None
+        """The token-mean loss of the last optimizer step (the curves read it)."""
+        self.val_loss = MeanMetric()
         self.val_exact_match = MeanMetric()
         self._sample_prompts: list[Tensor] = []
         self._samples: list[dict[str, str]] = []
@@ -357,26 +532,70 @@ class CausalLMInstructionModule(TokenCountingModule):
                 "datamodule's tokenizer_path."
             )
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    def _loss_chunk_tokens(self, chunked: bool, chunk_tokens: int | None) -> int | None:
+        """Rows per loss chunk, or None for the plain path (off, or a model whose logits are transformed
+        in ways the chunked path does not repeat)."""
+        config = self.model.config
+        transformed = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+        if not chunked or transformed or getattr(config, "output_router_logits", False):
+            return None
+        return chunk_tokens or chunk_tokens_for(int(self.model.get_output_embeddings().out_features))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Any:
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids
+        )
+
+    def loss_sum(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
+        """(summed cross-entropy over the batch's target tokens, their number).
+
+        A packed batch (it has ``position_ids``) goes to the model without its attention mask, so the
+        model separates the examples by their position ids (see :mod:`.packing`).
+        """
+        position_ids = batch.get("position_ids")
+        mask = None if position_ids is not None else batch["attention_mask"]
+        inputs = dict(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False
+        )
+        if self.chunk_tokens is None:
+            logits = self.model(**inputs).logits
+            return causal_lm_loss_sum(logits, _identity, batch["labels"], None)
+        hidden = self.model.get_decoder()(**inputs).last_hidden_state
+        head = self.model.get_output_embeddings()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        return causal_lm_loss_sum(hidden, head, batch["labels"], self.chunk_tokens, softcap)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        loss_sum, tokens = self.loss_sum(batch)
+        self.step_loss.add(loss_sum, tokens)
         self.count_tokens(batch["attention_mask"])
-        return loss
+        # the sum: the gradients become the step's token mean in on_before_optimizer_step
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Scale the gradients to the token mean of the whole step (micro-batches and ranks)."""
+        loss, tokens = self.step_loss.finish_step(self)
+        self.last_step_loss = loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log("train/target_tokens", float(tokens), on_step=True, on_epoch=False, rank_zero_only=True)
 
     def on_validation_epoch_start(self) -> None:
         self._sample_prompts = []
         self._samples = []
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        # position t predicts token t + 1: drop the last logit and the first label
-        self.val_ppl.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        loss_sum, tokens = self.loss_sum(batch)
+        loss = loss_sum / max(tokens, 1)
+        if tokens:
+            self.val_loss.update(loss, weight=tokens)  # the token mean over the whole validation set
         size = batch["input_ids"].size(0)
-        self.log("val/loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
-        self.log("val/ppl", self.val_ppl, on_step=False, on_epoch=True, batch_size=size)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
         prompts, references = split_prompts(batch)
         if self.exact_match:
             responses = self.generate_answers(prompts)
@@ -405,7 +624,7 @@ class CausalLMInstructionModule(TokenCountingModule):
         else:
             room = self.num_samples_to_generate - len(self._sample_prompts)
             self._sample_prompts.extend(p.detach() for p in prompts[: max(room, 0)])
-        return out.loss
+        return loss
 
     def _decode(self, ids: Tensor) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -440,6 +659,8 @@ class CausalLMInstructionModule(TokenCountingModule):
         return [(self._decode(p), r) for p, r in zip(prompts, self.generate_answers(prompts), strict=True)]
 
     def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_called:
+            self.log("val/ppl", torch.exp(self.val_loss.compute()), on_step=False, on_epoch=True)
         if self.trainer.sanity_checking:
             return
         if not self.exact_match and self._sample_prompts:
@@ -481,3 +702,13 @@ def split_prompts(batch: Mapping[str, Tensor]) -> tuple[list[Tensor], list[Tenso
 def normalize_answer(text: str) -> str:
     """What exact match compares: words joined by single spaces, without a final period."""
     return " ".join(text.split()).removesuffix(".").strip()
+
+
+_RESPONSE_FIELD = {"messages": "assistant turn", "prompt_completion": '"completion"', "alpaca": '"output"'}
+
+
+def _response_text(record: Mapping[str, Any], fmt: str) -> str:
+    """What the loss is computed on in a normalized record of format `fmt`."""
+    if fmt == "messages":
+        return "".join(m["content"] for m in record["messages"] if m["role"] == "assistant")
+    return str(record["completion" if fmt == "prompt_completion" else "output"])
