@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,12 +71,8 @@ def _json_type(value: Any) -> str:
     )
 
 
-def read_jsonl(path: str | Path, schema: RecordSchema) -> list[Record]:
-    """The records of one JSON Lines file, each reduced to the schema's fields (missing optional: None)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingDataError(f"{path}: no such file")
-    records: list[Record] = []
+def json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """Each non-blank line's JSON value with where it is (``file:line``); bad UTF-8 or JSON is a DataError."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
@@ -90,11 +86,21 @@ def read_jsonl(path: str | Path, schema: RecordSchema) -> list[Record]:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(value, dict):
-                raise DataError(
-                    f"{where}: expected a JSON object with {schema.describe()}, got {_json_type(value)}"
-                )
-            records.append(_check_record(value, schema, where))
+            yield where, value
+
+
+def read_jsonl(path: str | Path, schema: RecordSchema) -> list[Record]:
+    """The records of one JSON Lines file, each reduced to the schema's fields (missing optional: None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataError(f"{path}: no such file")
+    records: list[Record] = []
+    for where, value in json_lines(path):
+        if not isinstance(value, dict):
+            raise DataError(
+                f"{where}: expected a JSON object with {schema.describe()}, got {_json_type(value)}"
+            )
+        records.append(_check_record(value, schema, where))
     if not records:
         raise DataError(f"{path}: empty file; expected one JSON object per line with {schema.describe()}")
     return records

@@ -15,13 +15,12 @@ Without validation records, ``validation_split`` holds out a seeded fraction of 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data_files import DataError, MissingDataError, _json_type, check_validation_split
+from .data_files import DataError, MissingDataError, _json_type, check_validation_split, json_lines
 
 EXTENSIONS = ("jsonl", "parquet", "arrow")
 VALIDATION_NAMES = ("validation", "test")
@@ -37,22 +36,10 @@ class SourcedRecord:
 
 def _jsonl_records(path: Path) -> list[SourcedRecord]:
     records: list[SourcedRecord] = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as err:
-                raise DataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-            if not line:
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(value, dict):
-                raise DataError(f"{where}: expected a JSON object, got {_json_type(value)}")
-            records.append(SourcedRecord(value, where))
+    for where, value in json_lines(path):
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: expected a JSON object, got {_json_type(value)}")
+        records.append(SourcedRecord(value, where))
     return records
 
 
