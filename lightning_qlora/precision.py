@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from lightning_qlora.quantization.convert import replace_linear_layers, set_comp
 from lightning_qlora.quantization.cpu_allocator import limit_heap_growth
 from lightning_qlora.quantization.layers import is_linear4bit, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
+from lightning_qlora.quantization.sensitivity import SensitivityChoice
 from lightning_qlora.strategies.support import require_supported_strategy
 
 _OWN = PrecisionPluginSettings()  # the defaults of the plugin's own arguments
@@ -46,8 +47,11 @@ class QLoRAPrecision(Precision):
             blocks, so they are not faulted in afresh (built at first use with the C++ compiler; without
             one, the threshold alone). False leaves the allocator alone; `MALLOC_MMAP_THRESHOLD_` in the
             environment always wins.
+        calibration_batch: the batch `keep_sensitive` measures layers on (default: the first batch of the
+            training data); passed to the module's `training_step` as is.
         **kwargs: fields of `QuantizationConfig` (`quant_type`, `blocksize`, `double_quant`,
-            `compute_dtype`, `exclude`, `backend`), a shorthand: `QLoRAPrecision(quant_type="fp4")` is
+            `compute_dtype`, `exclude`, `backend`, `keep_sensitive`), a shorthand:
+            `QLoRAPrecision(quant_type="fp4")` is
             `QLoRAPrecision(QuantizationConfig(quant_type="fp4"))`; given with `config`, they replace its
             fields.
     """
@@ -61,6 +65,7 @@ class QLoRAPrecision(Precision):
         *,
         log_report: bool = _OWN.log_report,
         limit_cpu_heap: bool = _OWN.limit_cpu_heap,
+        calibration_batch: Any = None,
         **kwargs: Any,
     ) -> None:
         self.config = config_from(QuantizationConfig, config, kwargs, "QLoRAPrecision", _OWN_ARGUMENTS)
@@ -69,6 +74,9 @@ class QLoRAPrecision(Precision):
         self.limit_cpu_heap = check_bool("QLoRAPrecision", "limit_cpu_heap", limit_cpu_heap)
         self.report: QuantizationReport | None = None
         self.compute_dtype: torch.dtype | None = None
+        self.calibration_batch = calibration_batch
+        self.sensitivity: SensitivityChoice | None = None
+        """With `keep_sensitive`: every layer's measured effect and the layers kept in full precision."""
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -80,7 +88,11 @@ class QLoRAPrecision(Precision):
         if device is not None:
             compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device)
         replace_linear_layers(
-            module, self.config, compute_dtype=compute_dtype, device=device, quantize_now=device is not None
+            module,
+            self._config_for(module),
+            compute_dtype=compute_dtype,
+            device=device,
+            quantize_now=device is not None,
         )
         return module
 
@@ -99,6 +111,8 @@ class QLoRAPrecision(Precision):
             if self.limit_cpu_heap and device.type == "cpu":
                 limit_heap_growth()
         self.report = quantization_report(model)
+        if self.sensitivity is not None:
+            self.report = replace(self.report, sensitivity=self.sensitivity)
         if self.log_report:
             rank_zero_info(
                 f"QLoRAPrecision: {self.config.quant_type.upper()}"
@@ -108,10 +122,36 @@ class QLoRAPrecision(Precision):
             )
         return super().connect(model, optimizers, lr_schedulers)
 
+    def _config_for(self, module: nn.Module) -> QuantizationConfig:
+        """The config to convert with: with `keep_sensitive`, the measured layers added to `exclude`."""
+        if self.config.keep_sensitive == 0:
+            return self.config
+        if self.sensitivity is None:  # measured once: a later stage's setup must not re-measure a 4-bit model
+            self.sensitivity = measure_for_keep_sensitive(module, self.config, self.calibration_batch)
+        return replace(
+            self.config, keep_sensitive=0.0, exclude=(*self.config.exclude, *self.sensitivity.kept_names)
+        )
+
 
 QLoRAPrecision.__signature__ = signature_with_fields(  # type: ignore[attr-defined]
     QLoRAPrecision.__init__, QuantizationConfig
 )
+
+
+def measure_for_keep_sensitive(
+    module: nn.Module, config: QuantizationConfig, batch: Any = None
+) -> SensitivityChoice:
+    """Measure each layer `config` would quantize on `batch` (default: the first training batch)."""
+    from lightning_qlora.quantization.calibration import first_training_batch, training_step_loss
+    from lightning_qlora.quantization.convert import quantization_targets
+    from lightning_qlora.quantization.sensitivity import choose_sensitive_layers
+
+    targets = quantization_targets(module, replace(config, keep_sensitive=0.0))
+    if not targets:
+        return choose_sensitive_layers(module, [], config, lambda: 0.0)
+    device = targets[0][1].weight.device
+    batch = first_training_batch(module) if batch is None else batch
+    return choose_sensitive_layers(module, targets, config, training_step_loss(module, batch, device))
 
 
 def _accelerator_device(module: nn.Module) -> torch.device | None:

@@ -23,6 +23,7 @@ from lightning_qlora._settings import check_bool
 from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.convert import (
     quantization_targets,
+    refuse_unmeasured_keep_sensitive,
     require_linear_layers,
     set_compute_dtype,
 )
@@ -62,6 +63,7 @@ def load_quantized(
     """
     limit_cpu_heap = check_bool("load_quantized", "limit_cpu_heap", limit_cpu_heap)
     config = config or QuantizationConfig()
+    refuse_unmeasured_keep_sensitive(config, "load_quantized (which never holds the full-precision model)")
     device = torch.device(device)
     require_linear_layers(model)
     if limit_cpu_heap and device.type == "cpu":
