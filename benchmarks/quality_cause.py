@@ -74,12 +74,17 @@ def quantized_weights(layers: dict[str, nn.Linear], config: QuantizationConfig) 
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def val_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """The validation loss as the module logs it: each batch's mean response-token loss, batch-weighted."""
+    """The validation loss as the module logs it (each batch's mean response-token loss, batch-weighted),
+    with the LM head applied to the response positions only (the same numbers, a fifth less work)."""
     total = count = 0.0
     for b in batches:
-        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        hidden = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        labels = b["labels"][:, 1:]
+        keep = labels != -100
+        logits = model.lm_head(hidden[:, :-1][keep]).float()
+        loss = torch.nn.functional.cross_entropy(logits, labels[keep])
         total += float(loss) * len(b["input_ids"])
         count += len(b["input_ids"])
     return total / count
@@ -137,74 +142,143 @@ def layer_index(name: str) -> int:
     return int(name.split(".layers.")[1].split(".")[0])
 
 
+def subset(batches: list[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
+    """The first `n` validation examples, in batches as they came."""
+    out, left = [], n
+    for b in batches:
+        if left <= 0:
+            break
+        out.append({k: v[:left] for k, v in b.items()})
+        left -= len(b["input_ids"])
+    return out
+
+
+def table_of(payload: dict[str, Any]) -> str:
+    rows = payload["rows"]
+    table = markdown_table(rows, ["group", "quantized", "layers", "val_loss", "delta_vs_fp32"],
+                           {"val_loss": ".4f", "delta_vs_fp32": "+.4f"})  # fmt: skip
+    if payload.get("weight_rel_error"):
+        table += "\n\nRelative weight error ||W_q - W|| / ||W|| over all quantized linears: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in payload["weight_rel_error"].items()
+        )
+    errors = payload.get("output_errors") or {}
+    if errors:
+        top = sorted(errors.items(), key=lambda kv: -kv[1]["abs_output_error"])[:12]
+        table += "\n\nLargest absolute output errors (NF4 + DQ, calibration batch):\n\n" + markdown_table(
+            [{"layer": n, **e} for n, e in top],
+            ["layer", "abs_output_error", "rel_output_error", "input_rms"],
+            {"abs_output_error": ".4f", "rel_output_error": ".4f", "input_rms": ".4f"},
+        )
+    for fraction, kept in (payload.get("kept") or {}).items():
+        table += f"\n\nkeep_sensitive={fraction}: " + ", ".join(
+            f"{k['name']} (+{k['effect']:.4f}, {k['extra_bytes'] / 2**20:.2f} MiB)" for k in kept
+        )
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__, threads_default=None)
+    parser.add_argument(
+        "--part",
+        choices=("cause", "keep"),
+        default="cause",
+        help="cause: which layers carry the loss; keep: keep_sensitive's choice and its loss",
+    )
+    parser.add_argument("--val-examples", type=int, default=60, help="validation examples scored (of 60)")
+    parser.add_argument("--block", type=int, default=1, help="decoder layers per index group")
     parser.add_argument("--skip-index", action="store_true", help="leave out the per-decoder-layer runs")
-    args = parser.parse_args(argv)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10])
+    args = parser.parse_args(argv)  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, batches, calib = load()
+    batches = subset(batches, args.val_examples)
     layers = linears(model)
     fp32 = {n: m.weight.data.clone() for n, m in layers.items()}
     names = list(layers)
-    indices = sorted({layer_index(n) for n in names})
-    formats = {key: quantized_weights(layers, cfg) for key, cfg in FORMATS.items()}
-    q = formats["nf4_dq_64"]
-    rows: list[dict[str, Any]] = []
+    name = NAME if args.part == "cause" else f"{NAME}_keep"
+    payload: dict[str, Any] = {
+        "benchmark": name,
+        "what": "untrained skills validation loss of SmolLM2-135M with subsets of its linears in 4-bit",
+        "model": MODEL,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "rows": [],
+        "machine": machine_info(),
+    }
 
-    def run(group: str, label: str, chosen: list[str], qw: dict[str, torch.Tensor] = q) -> float:
+    def save() -> None:
+        payload["seconds"] = time.perf_counter() - started
+        write_results(args.out, name, payload, table_of(payload))
+
+    def run(group: str, label: str, chosen: list[str], qw: dict[str, torch.Tensor]) -> float:
         loss = evaluate(model, layers, fp32, qw, chosen, batches)
-        rows.append({"group": group, "quantized": label, "layers": len(chosen), "val_loss": loss})
+        base = payload["rows"][0]["val_loss"] if payload["rows"] else loss
+        payload["rows"].append({"group": group, "quantized": label, "layers": len(chosen), "val_loss": loss,
+                                "delta_vs_fp32": loss - base})  # fmt: skip
         print(
             f"[cause] {group:>18} {label:>24}: {loss:.4f}  ({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
+        save()
         return loss
 
-    base = run("whole model", "none (fp32)", [])
-    weight_error = {}
-    for key, qw in formats.items():
-        run("whole model", key, names, qw)
-        num = sum(float((qw[n] - fp32[n]).pow(2).sum()) for n in names)
-        den = sum(float(fp32[n].pow(2).sum()) for n in names)
-        weight_error[key] = (num / den) ** 0.5
-    for t in TYPES:
-        run("one type", t, [n for n in names if n.endswith(t)])
-    for t in TYPES:
-        run("all but one type", t, [n for n in names if not n.endswith(t)])
-    if not args.skip_index:
-        for i in indices:
-            run("one index", f"layer {i}", [n for n in names if layer_index(n) == i])
-        for i in indices:
-            run("all but one index", f"layer {i}", [n for n in names if layer_index(n) != i])
-    errors = output_errors(model, layers, q, calib)
-    for row in rows:
-        row["delta_vs_fp32"] = row["val_loss"] - base
-    payload = {
-        "benchmark": NAME,
-        "what": "untrained skills validation loss of SmolLM2-135M with subsets of its linears in 4-bit",
-        "model": MODEL,
-        "weight_rel_error": weight_error,
-        "rows": rows,
-        "output_errors": errors,
-        "machine": machine_info(),
-        "seconds": time.perf_counter() - started,
-    }
-    top = sorted(errors.items(), key=lambda kv: -kv[1]["abs_output_error"])[:12]
-    table = markdown_table(rows, ["group", "quantized", "layers", "val_loss", "delta_vs_fp32"],
-                           {"val_loss": ".4f", "delta_vs_fp32": "+.4f"})  # fmt: skip
-    table += "\n\nRelative weight error ||W_q - W|| / ||W|| over all quantized linears: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in weight_error.items()
-    )
-    table += "\n\nLargest absolute output errors (NF4 + DQ, calibration batch):\n\n" + markdown_table(
-        [{"layer": n, **e} for n, e in top],
-        ["layer", "abs_output_error", "rel_output_error", "input_rms"],
-        {"abs_output_error": ".4f", "rel_output_error": ".4f", "input_rms": ".4f"},
-    )
-    write_results(args.out, NAME, payload, table)
-    report_written(args.out, NAME, table, time.perf_counter() - started)
+    q = quantized_weights(layers, FORMATS["nf4_dq_64"])
+    run("whole model", "none (fp32)", [], q)
+    run("whole model", "nf4_dq_64", names, q)
+    if args.part == "keep":
+        keep_part(args, model, layers, names, calib, run, payload, save, q)
+    else:
+        cause_part(args, model, layers, names, fp32, calib, run, payload, save, q)
+    save()
+    report_written(args.out, name, table_of(payload), time.perf_counter() - started)
     return 0
+
+
+def cause_part(args: Any, model: nn.Module, layers: dict[str, nn.Linear], names: list[str],
+               fp32: dict[str, torch.Tensor], calib: dict[str, torch.Tensor], run: Any,
+               payload: dict[str, Any], save: Any, q: dict[str, torch.Tensor]) -> None:  # fmt: skip
+    payload["output_errors"] = output_errors(model, layers, q, calib)
+    for t in TYPES:
+        run("one type", t, [n for n in names if n.endswith(t)], q)
+    for t in TYPES:
+        run("all but one type", t, [n for n in names if not n.endswith(t)], q)
+    weight_error = payload.setdefault("weight_rel_error", {})
+    for key in ("nf4_dq_32", "fp4_dq_64", "nf4_dq_64"):
+        qw = q if key == "nf4_dq_64" else quantized_weights(layers, FORMATS[key])
+        if key != "nf4_dq_64":
+            run("whole model", key, names, qw)
+        num = sum(float((qw[n] - fp32[n]).pow(2).sum()) for n in names)
+        weight_error[key] = (num / sum(float(fp32[n].pow(2).sum()) for n in names)) ** 0.5
+    if args.skip_index:
+        return
+    indices = sorted({layer_index(n) for n in names})
+    groups = [indices[i : i + args.block] for i in range(0, len(indices), args.block)]
+    for g in groups:
+        run("one index group", f"layers {g[0]}-{g[-1]}", [n for n in names if layer_index(n) in g], q)
+    for g in groups:
+        run("all but one group", f"layers {g[0]}-{g[-1]}", [n for n in names if layer_index(n) not in g], q)
+
+
+def keep_part(args: Any, model: nn.Module, layers: dict[str, nn.Linear], names: list[str],
+              calib: dict[str, torch.Tensor], run: Any, payload: dict[str, Any], save: Any,
+              q: dict[str, torch.Tensor]) -> None:  # fmt: skip
+    """keep_sensitive's measurement (package code) on the first training batch, then each budget's loss."""
+    from lightning_qlora.quantization.sensitivity import choose_kept, choose_sensitive_layers
+
+    config = QuantizationConfig(keep_sensitive=args.fractions[0])
+    targets = [(n, layers[n]) for n in names]
+    choice = choose_sensitive_layers(model, targets, config, lambda: val_loss(model, [calib]))
+    payload["sensitivity"] = choice.as_dict()
+    payload["kept"] = {}
+    for fraction in args.fractions:
+        kept = choose_kept(choice.measured, int(fraction * choice.four_bit_model_bytes))
+        payload["kept"][str(fraction)] = [
+            {"name": k.name, "effect": k.effect, "extra_bytes": k.extra_bytes} for k in kept
+        ]
+        extra = sum(k.extra_bytes for k in kept) / choice.four_bit_model_bytes
+        chosen = {k.name for k in kept}
+        run("keep_sensitive", f"{fraction:g} (+{extra:.1%} bytes)", [n for n in names if n not in chosen], q)
 
 
 if __name__ == "__main__":

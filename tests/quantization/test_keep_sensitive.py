@@ -16,8 +16,17 @@ from torch import nn
 from lightning_qlora import LoRA, QLoRAPrecision
 from lightning_qlora._names import logical_name
 from lightning_qlora.lora import LoRALinear, merge_adapters, save_peft_adapter
-from lightning_qlora.quantization import QuantizationConfig, is_linear4bit, load_quantized, replace_linear_layers
-from lightning_qlora.quantization.calibration import CalibrationError, first_training_batch, training_step_loss
+from lightning_qlora.quantization import (
+    QuantizationConfig,
+    is_linear4bit,
+    load_quantized,
+    replace_linear_layers,
+)
+from lightning_qlora.quantization.calibration import (
+    CalibrationError,
+    first_training_batch,
+    training_step_loss,
+)
 from lightning_qlora.quantization.convert import quantization_targets
 from lightning_qlora.quantization.sensitivity import choose_kept, choose_sensitive_layers
 
@@ -106,7 +115,9 @@ def test_report_names_the_kept_layers_with_effect_and_bytes(fitted: tuple[TinyLM
     row = plugin.report.as_dict()
     assert row["keep_sensitive"] == FRACTION
     assert row["sensitive_extra_bytes"] == plugin.sensitivity.extra_bytes
-    assert set(str(row["sensitive_kept_layers"]).split(",")) == set(map(logical_name, plugin.sensitivity.kept_names))
+    assert set(str(row["sensitive_kept_layers"]).split(",")) == set(
+        map(logical_name, plugin.sensitivity.kept_names)
+    )
 
 
 def test_effect_is_the_loss_rise_with_that_layer_alone_in_4bit() -> None:
@@ -119,7 +130,9 @@ def test_effect_is_the_loss_rise_with_that_layer_alone_in_4bit() -> None:
     name = max(choice.measured, key=lambda m: m.effect).name
     alone = copy.deepcopy(module)
     others = [n for n, _ in targets if n != name]
-    replace_linear_layers(alone, QuantizationConfig(exclude=("lm_head", *others)), compute_dtype=torch.float32)
+    replace_linear_layers(
+        alone, QuantizationConfig(exclude=("lm_head", *others)), compute_dtype=torch.float32
+    )
     with torch.no_grad():
         rise = float(training_step_loss(alone, batch, torch.device("cpu"))()) - choice.base_loss
     assert rise == pytest.approx(max(m.effect for m in choice.measured), abs=1e-5)
@@ -133,7 +146,9 @@ def test_measurement_is_deterministic_and_leaves_the_model_as_it_was() -> None:
     config = QuantizationConfig(keep_sensitive=0.2)
     batch = next(iter(token_loader()))
     runs = [
-        choose_sensitive_layers(module, targets, config, training_step_loss(module, batch, torch.device("cpu")))
+        choose_sensitive_layers(
+            module, targets, config, training_step_loss(module, batch, torch.device("cpu"))
+        )
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
@@ -153,7 +168,9 @@ def test_first_training_batch_leaves_the_rng_alone() -> None:
     assert torch.equal(first_training_batch(module)[0], first[0])
 
 
-def test_export_and_merge_work_with_kept_layers(fitted: tuple[TinyLM, QLoRAPrecision], tmp_path: Path) -> None:
+def test_export_and_merge_work_with_kept_layers(
+    fitted: tuple[TinyLM, QLoRAPrecision], tmp_path: Path
+) -> None:
     module, plugin = fitted
     assert plugin.sensitivity is not None
     kept = plugin.sensitivity.kept_names[0]
@@ -180,9 +197,9 @@ def test_bad_keep_sensitive_is_refused(bad: object) -> None:
 def test_entry_points_that_cannot_measure_refuse_before_any_work() -> None:
     model = tiny_llama()
     config = QuantizationConfig(keep_sensitive=0.05)
-    with pytest.raises(ValueError, match="load_quantized.*exclude="):
+    with pytest.raises(ValueError, match=r"load_quantized.*exclude="):
         load_quantized(model, {}, config)
-    with pytest.raises(ValueError, match="replace_linear_layers.*exclude="):
+    with pytest.raises(ValueError, match=r"replace_linear_layers.*exclude="):
         replace_linear_layers(model, config)
     assert not any(is_linear4bit(m) for m in model.modules())
     with pytest.raises(CalibrationError, match="calibration_batch="):
