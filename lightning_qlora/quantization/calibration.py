@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
@@ -49,16 +50,23 @@ def _training_data(trainer: Any, module: nn.Module) -> Any:
     if source is not None and source.instance is not None and source.is_defined():
         return source.dataloader()
     datamodule = getattr(trainer, "datamodule", None)  # e.g. `validate(datamodule=...)` before `fit`
-    return (datamodule if datamodule is not None else module).train_dataloader()
+    source_of_data: Any = datamodule if datamodule is not None else module
+    return source_of_data.train_dataloader()
 
 
 def training_step_loss(module: nn.Module, batch: Any, device: torch.device) -> LossFunction:
     """A function giving `module.training_step(batch, 0)`'s loss on `device`, without logging or counting."""
+    if not isinstance(module, pl.LightningModule):
+        raise CalibrationError(
+            "keep_sensitive measures layers with a LightningModule's training_step; got "
+            f"{type(module).__name__}."
+        )
+    lightning_module = module
     batch = move_data_to_device(batch, device)
 
     def loss() -> torch.Tensor:
         with _quiet(module):
-            out = module.training_step(batch, 0)  # type: ignore[operator]
+            out = lightning_module.training_step(batch, 0)
         value = out.get("loss") if isinstance(out, dict) else out
         if not isinstance(value, torch.Tensor):
             raise CalibrationError(
@@ -74,8 +82,7 @@ def training_step_loss(module: nn.Module, batch: Any, device: torch.device) -> L
 def _quiet(module: nn.Module) -> Iterator[None]:
     """Silence `log`/`log_dict` and put back the plain numbers (counters) `training_step` may change."""
     numbers = {k: v for k, v in vars(module).items() if type(v) in (int, float, bool)}
-    module.log = _ignore  # type: ignore[method-assign]
-    module.log_dict = _ignore  # type: ignore[method-assign]
+    vars(module).update(log=_ignore, log_dict=_ignore)  # shadow the methods on this instance only
     try:
         yield
     finally:
