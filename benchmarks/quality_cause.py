@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         help="cause: which layers carry the loss; keep: keep_sensitive's choice and its loss",
     )
     parser.add_argument("--val-examples", type=int, default=60, help="validation examples scored (of 60)")
+    parser.add_argument("--calib-examples", type=int, default=8, help="first-batch examples used")
     parser.add_argument("--block", type=int, default=1, help="decoder layers per index group")
     parser.add_argument("--skip-index", action="store_true", help="leave out the per-decoder-layer runs")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10])
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model, batches, calib = load()
     batches = subset(batches, args.val_examples)
+    calib = subset([calib], args.calib_examples)[0]
     layers = linears(model)
     fp32 = {n: m.weight.data.clone() for n, m in layers.items()}
     names = list(layers)
