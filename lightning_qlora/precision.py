@@ -47,8 +47,6 @@ class QLoRAPrecision(Precision):
             blocks, so they are not faulted in afresh (built at first use with the C++ compiler; without
             one, the threshold alone). False leaves the allocator alone; `MALLOC_MMAP_THRESHOLD_` in the
             environment always wins.
-        calibration_batch: the batch `keep_sensitive` measures layers on (default: the first batch of the
-            training data); passed to the module's `training_step` as is.
         **kwargs: fields of `QuantizationConfig` (`quant_type`, `blocksize`, `double_quant`,
             `compute_dtype`, `exclude`, `backend`, `keep_sensitive`), a shorthand:
             `QLoRAPrecision(quant_type="fp4")` is
@@ -65,7 +63,6 @@ class QLoRAPrecision(Precision):
         *,
         log_report: bool = _OWN.log_report,
         limit_cpu_heap: bool = _OWN.limit_cpu_heap,
-        calibration_batch: Any = None,
         **kwargs: Any,
     ) -> None:
         self.config = config_from(QuantizationConfig, config, kwargs, "QLoRAPrecision", _OWN_ARGUMENTS)
@@ -74,7 +71,10 @@ class QLoRAPrecision(Precision):
         self.limit_cpu_heap = check_bool("QLoRAPrecision", "limit_cpu_heap", limit_cpu_heap)
         self.report: QuantizationReport | None = None
         self.compute_dtype: torch.dtype | None = None
-        self.calibration_batch = calibration_batch
+        self.calibration_batch: Any = None
+        """The batch `keep_sensitive` measures layers on, passed to the module's `training_step` as is; set it
+        before `fit` (None: the first batch of the training data). Not a constructor argument: a batch is
+        not a command-line setting."""
         self.sensitivity: SensitivityChoice | None = None
         """With `keep_sensitive`: every layer's measured effect and the layers kept in full precision."""
 

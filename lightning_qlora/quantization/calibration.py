@@ -32,8 +32,8 @@ def first_training_batch(module: nn.Module) -> Any:
     trainer = getattr(module, "_trainer", None)
     if trainer is None:
         raise CalibrationError(
-            "keep_sensitive measures layers on a calibration batch: pass calibration_batch= to "
-            "QLoRAPrecision, or fit with a Trainer whose training data gives the first batch."
+            "keep_sensitive measures layers on a calibration batch: set QLoRAPrecision.calibration_batch, "
+            "or fit with a Trainer whose training data gives the first batch."
         )
     state = capture_rng_state()
     try:

@@ -202,5 +202,19 @@ def test_entry_points_that_cannot_measure_refuse_before_any_work() -> None:
     with pytest.raises(ValueError, match=r"replace_linear_layers.*exclude="):
         replace_linear_layers(model, config)
     assert not any(is_linear4bit(m) for m in model.modules())
-    with pytest.raises(CalibrationError, match="calibration_batch="):
+    with pytest.raises(CalibrationError, match="calibration_batch"):
         QLoRAPrecision(keep_sensitive=0.05).convert_module(TinyLM())
+
+
+def test_a_calibration_batch_set_on_the_plugin_is_measured_on() -> None:
+    module = TinyLM()
+    batch = next(iter(token_loader()))
+    with torch.no_grad():
+        expected = float(module.training_step(batch, 0))
+    module.tokens_seen = 0
+    plugin = QLoRAPrecision(keep_sensitive=0.1, compute_dtype="float32")
+    plugin.calibration_batch = batch
+    plugin.convert_module(module)  # no trainer: the batch set on the plugin is all it needs
+    assert plugin.sensitivity is not None
+    assert plugin.sensitivity.base_loss == pytest.approx(expected, abs=1e-6)
+    assert module.tokens_seen == 0
