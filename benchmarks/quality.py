@@ -64,6 +64,7 @@ class RunSpec:
     use_dora: bool = False
     init: str = "default"
     loftq_iter: int = 1
+    keep_sensitive: float = 0.0
 
 
 SPECS: dict[str, RunSpec] = {
@@ -75,13 +76,16 @@ SPECS: dict[str, RunSpec] = {
         RunSpec("lora32", "LoRA, fp32 base", None),
         RunSpec("qdora", "QDoRA NF4 + DQ", "nf4", True, use_dora=True),
         RunSpec("loftq", "QLoRA NF4 + DQ, LoftQ init (4 rounds)", "nf4", True, init="loftq", loftq_iter=4),
+        RunSpec("nf4_dq_keep5", "QLoRA NF4 + DQ, keep sensitive (+5%)", "nf4", keep_sensitive=0.05),
+        RunSpec("nf4_dq_keep10", "QLoRA NF4 + DQ, keep sensitive (+10%)", "nf4", keep_sensitive=0.10),
         RunSpec("untuned", "untuned (fp32)", None, train=False),
     )
 }
 COLORS = {"nf4_dq": "tab:blue", "nf4": "tab:cyan", "fp4": "tab:red", "lora32": "black", "untuned": "gray",
-          "qdora": "tab:green", "loftq": "tab:purple"}  # fmt: skip
+          "qdora": "tab:green", "loftq": "tab:purple", "nf4_dq_keep5": "tab:orange",
+          "nf4_dq_keep10": "tab:brown"}  # fmt: skip
 LINESTYLES = {"nf4_dq": "-", "nf4": "--", "fp4": "-", "lora32": "-", "untuned": ":",
-              "qdora": "-.", "loftq": "--"}  # fmt: skip
+              "qdora": "-.", "loftq": "--", "nf4_dq_keep5": "-", "nf4_dq_keep10": "--"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,7 @@ def run_one(
             quant_type=spec.quant_type,
             double_quant=spec.double_quant,
             compute_dtype=args.compute_dtype,
+            keep_sensitive=spec.keep_sensitive,
             log_report=False,
         )
         plugins.append(precision)
@@ -347,6 +352,7 @@ def run_one(
         else 0,
         "compute_dtype": str(precision.compute_dtype).removeprefix("torch.") if precision else "float32",
         "quantization": precision.report.as_dict() if precision is not None and precision.report else None,
+        "sensitivity": precision.sensitivity.as_dict() if precision and precision.sensitivity else None,
         "base_feature_error": features,
         "fit_s": fit_s,
         "wall_s": time.perf_counter() - start,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from lightning_qlora.quantization.convert import replace_linear_layers, set_comp
 from lightning_qlora.quantization.cpu_allocator import start_lean_cpu_memory
 from lightning_qlora.quantization.layers import is_linear4bit, is_quantized_weight, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
+from lightning_qlora.quantization.sensitivity import SensitivityChoice
 from lightning_qlora.strategies.support import require_supported_strategy
 
 _OWN = PrecisionPluginSettings()  # the defaults of the plugin's own arguments
@@ -49,7 +50,8 @@ class QLoRAPrecision(Precision):
             fit/validate/test/predict runs: the previous one is put back at teardown (docs/native-code.md).
             False leaves the allocator alone; `MALLOC_MMAP_THRESHOLD_` in the environment always wins.
         **kwargs: fields of `QuantizationConfig` (`quant_type`, `blocksize`, `double_quant`,
-            `compute_dtype`, `exclude`, `backend`), a shorthand: `QLoRAPrecision(quant_type="fp4")` is
+            `compute_dtype`, `exclude`, `backend`, `keep_sensitive`), a shorthand:
+            `QLoRAPrecision(quant_type="fp4")` is
             `QLoRAPrecision(QuantizationConfig(quant_type="fp4"))`; given with `config`, they replace its
             fields.
     """
@@ -72,6 +74,12 @@ class QLoRAPrecision(Precision):
         self.report: QuantizationReport | None = None
         self.compute_dtype: torch.dtype | None = None
         self._holds_allocator = False  # the caching allocator is installed for this run, until teardown
+        self.calibration_batch: Any = None
+        """The batch `keep_sensitive` measures layers on, passed to the module's `training_step` as is; set it
+        before `fit` (None: the first batch of the training data). Not a constructor argument: a batch is
+        not a command-line setting."""
+        self.sensitivity: SensitivityChoice | None = None
+        """With `keep_sensitive`: every layer's measured effect and the layers kept in full precision."""
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -83,7 +91,11 @@ class QLoRAPrecision(Precision):
         if device is not None:
             compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device, self.config.backend)
         replace_linear_layers(
-            module, self.config, compute_dtype=compute_dtype, device=device, quantize_now=device is not None
+            module,
+            self._config_for(module),
+            compute_dtype=compute_dtype,
+            device=device,
+            quantize_now=device is not None,
         )
         return module
 
@@ -103,6 +115,8 @@ class QLoRAPrecision(Precision):
                 self._holds_allocator = start_lean_cpu_memory()
         _refuse_training_quantized_weights(model, optimizers)
         self.report = quantization_report(model)
+        if self.sensitivity is not None:
+            self.report = replace(self.report, sensitivity=self.sensitivity)
         if self.log_report:
             rank_zero_info(
                 f"QLoRAPrecision: {self.config.quant_type.upper()}"
@@ -119,6 +133,16 @@ class QLoRAPrecision(Precision):
             self._holds_allocator = False
             cpu_caching_allocator.uninstall()
         super().teardown()
+
+    def _config_for(self, module: nn.Module) -> QuantizationConfig:
+        """The config to convert with: with `keep_sensitive`, the measured layers added to `exclude`."""
+        if self.config.keep_sensitive == 0:
+            return self.config
+        if self.sensitivity is None:  # measured once: a later stage's setup must not re-measure a 4-bit model
+            self.sensitivity = measure_for_keep_sensitive(module, self.config, self.calibration_batch)
+        return replace(
+            self.config, keep_sensitive=0.0, exclude=(*self.config.exclude, *self.sensitivity.kept_names)
+        )
 
 
 QLoRAPrecision.__signature__ = signature_with_fields(  # type: ignore[attr-defined]
@@ -150,6 +174,22 @@ def _refuse_training_quantized_weights(model: nn.Module, optimizers: list[Optimi
         "would train. Add the LoRA callback (`Trainer(callbacks=[LoRA()])`) to train adapters beside them, "
         "or train without QLoRAPrecision."
     )
+
+
+def measure_for_keep_sensitive(
+    module: nn.Module, config: QuantizationConfig, batch: Any = None
+) -> SensitivityChoice:
+    """Measure each layer `config` would quantize on `batch` (default: the first training batch)."""
+    from lightning_qlora.quantization.calibration import first_training_batch, training_step_loss
+    from lightning_qlora.quantization.convert import quantization_targets
+    from lightning_qlora.quantization.sensitivity import choose_sensitive_layers
+
+    targets = quantization_targets(module, replace(config, keep_sensitive=0.0))
+    if not targets:
+        return choose_sensitive_layers(module, [], config, lambda: 0.0)
+    device = targets[0][1].weight.device
+    batch = first_training_batch(module) if batch is None else batch
+    return choose_sensitive_layers(module, targets, config, training_step_loss(module, batch, device))
 
 
 def _accelerator_device(module: nn.Module) -> torch.device | None:

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from lightning_qlora._settings import check_bool, check_int, check_patterns
+from lightning_qlora._settings import check_bool, check_int, check_number, check_patterns
 from lightning_qlora.quantization.backends import DEFAULT_BACKEND, check_backend_name
 
 if TYPE_CHECKING:  # torch is imported when a dtype is needed, so the CLI's schema reads this module fast
@@ -67,6 +67,13 @@ class QuantizationConfig:
         default=DEFAULT_BACKEND,
         metadata={"help": "4-bit storage backend: 'bitsandbytes', or a name given to register_backend."},
     )
+    keep_sensitive: float = field(
+        default=0.0,
+        metadata={
+            "help": "Extra bytes, as a fraction of the 4-bit model, spent on keeping the linear layers that "
+            "raise a calibration batch's loss most in full precision (0: quantize all; e.g. 0.05)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
@@ -92,6 +99,10 @@ class QuantizationConfig:
                 " or one of torch.float32, torch.bfloat16, torch.float16."
             )
         check_backend_name(self.backend)
+        number = check_number(
+            OWNER, "keep_sensitive", self.keep_sensitive, minimum=0, maximum=1, max_open=True
+        )
+        object.__setattr__(self, "keep_sensitive", number)
         object.__setattr__(self, "exclude", check_patterns(OWNER, "exclude", self.exclude))
 
 

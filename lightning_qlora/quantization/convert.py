@@ -96,6 +96,7 @@ def replace_linear_layers(
     weights are produced when the model is moved to its device: that is how a CPU-built model that trains
     on CUDA gets quantized on CUDA.
     """
+    refuse_unmeasured_keep_sensitive(config, "replace_linear_layers")
     require_linear_layers(model)
     converted = []
     for name, linear in quantization_targets(model, config):
@@ -112,6 +113,17 @@ def replace_linear_layers(
             release_freed_memory()
         converted.append(name)
     return converted
+
+
+def refuse_unmeasured_keep_sensitive(config: QuantizationConfig, caller: str) -> None:
+    """`keep_sensitive` is measured by `QLoRAPrecision` on a calibration batch; other entry points refuse it
+    rather than quantize the layers it meant to keep."""
+    if config.keep_sensitive:
+        raise ValueError(
+            f"{caller} cannot measure layer sensitivity (keep_sensitive={config.keep_sensitive:g}): it has "
+            "no calibration batch. Use QLoRAPrecision(keep_sensitive=...), or pass the layers to keep as "
+            "exclude= (e.g. QLoRAPrecision's `sensitivity.kept_names` from an earlier run)."
+        )
 
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:

@@ -23,6 +23,7 @@ from lightning_qlora._settings import SettingTypeError, check_bool
 from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
 from lightning_qlora.quantization.convert import (
     quantization_targets,
+    refuse_unmeasured_keep_sensitive,
     require_linear_layers,
     set_compute_dtype,
 )
@@ -69,6 +70,7 @@ def load_quantized(
             f"got {config!r}{hint}."
         )
     config = config or QuantizationConfig()
+    refuse_unmeasured_keep_sensitive(config, "load_quantized (which never holds the full-precision model)")
     device = torch.device(device)
     require_linear_layers(model)
     with lean_cpu_memory(limit_cpu_heap and device.type == "cpu"):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lightning_qlora.quantization.backends import backend_of
 from lightning_qlora.quantization.layers import SOURCE_DTYPE_ATTR
+
+if TYPE_CHECKING:
+    from lightning_qlora.quantization.sensitivity import SensitivityChoice
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,8 @@ class QuantizationReport:
     quantized_bytes_before: int
     quantized_bytes: int
     kept_bytes: int
+    # with `keep_sensitive`: each layer's measured effect, and the layers kept in full precision for it
+    sensitivity: SensitivityChoice | None = None
 
     @property
     def bits_per_quantized_param(self) -> float:
@@ -35,9 +41,11 @@ class QuantizationReport:
     def total_bytes_before(self) -> int:
         return self.quantized_bytes_before + self.kept_bytes
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, object]:
+        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sensitivity"}
         return {
-            **asdict(self),
+            **counts,
+            **(self.sensitivity.summary() if self.sensitivity is not None else {}),
             "bits_per_quantized_param": self.bits_per_quantized_param,
             "total_bytes": self.total_bytes,
             "total_bytes_before": self.total_bytes_before,
@@ -78,6 +86,8 @@ class QuantizationReport:
         ]
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"bits per quantized parameter: {self.bits_per_quantized_param:.3f}")
+        if self.sensitivity is not None:
+            lines.append(self.sensitivity.table())
         return "\n".join(lines)
 
 
