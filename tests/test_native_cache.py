@@ -377,7 +377,9 @@ def test_a_real_ddp_fit_builds_each_library_once(tmp_path: Path) -> None:
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert (out / "rank0.pt").exists() and (out / "rank1.pt").exists()
     builds = log.read_text().splitlines()
-    assert builds.count("cxx") == 1, builds  # the allocator: one rank built it, the other loaded it
+    # the allocator and the 4-bit linear operator (C++): one rank built each, the other loaded it
+    assert builds.count("cxx") == 2, builds
     assert builds.count("cc") <= 1, builds  # the kernel, where the 4-bit layers dequantize on the CPU
     assert "unavailable" not in done.stderr
     assert len(list((tmp_path / "cache" / "native").glob("cpu_caching_allocator-*.so"))) == 1
+    assert len(list((tmp_path / "cache" / "native").glob("linear4bit_op-*.so"))) == 1

@@ -33,7 +33,11 @@ def test_ddp_trains_through_the_workspace_path(tmp_path: Path) -> None:
     for rank in (rank0, rank1):
         assert rank["layer_types"] == ["QLoRALinear4bit"]
         # every 4-bit output with grad enabled came from the workspace path, and a buffer was used
-        assert rank["grad_fns"] == ["_FrozenLinearBackward"]
+        # (the Python band loop, or the native operator where it is built)
+        assert rank["grad_fns"] in (
+            ["_FrozenLinearBackward"],
+            ["GeneratedBackwardFor_lightning_qlora_linear4bit_defaultBackward"],
+        )
         assert rank["workspace_bytes"] > 0
         # checkpointing recomputed each block in backward: 2 blocks x (forward + recompute) x 6 steps
         assert rank["block_forwards"] == 2 * 2 * 6

@@ -1,4 +1,4 @@
-"""Quantize-while-loading into a model built under torch.device("meta"): the README example, as written.
+"""Quantize-while-loading into a model built under torch.device("meta"): the README's recipe.
 
 A Llama's rotary `inv_freq` and a BERT's `position_ids` / `token_type_ids` are non-persistent buffers:
 `save_pretrained` does not write them, so loading alone can never fill them.
@@ -6,7 +6,6 @@ A Llama's rotary `inv_freq` and a BERT's `position_ids` / `token_type_ids` are n
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,14 @@ from lightning_qlora import QuantizationConfig, load_quantized
 from lightning_qlora.quantization import replace_linear_layers
 from lightning_qlora.quantization.meta_buffers import MetaBufferError, parameters_on_meta
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 
-
-def readme_example() -> str:
-    """The README's quantize-while-loading block, pointed at the CPU (the machine may have no GPU)."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    block = next(b for b in blocks if "load_quantized(" in b and 'torch.device("meta")' in b)
-    return block.replace('device="cuda"', 'device="cpu"')
+def load_as_the_readme_does(checkpoint: str, config: object) -> nn.Module:
+    """The README's recipe (its block runs as pasted in test_readme.py): build on meta, fill in 4 bits."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    load_quantized(model, checkpoint, QuantizationConfig(), device="cpu")
+    model.tie_weights()
+    return model
 
 
 CONFIGS = {
@@ -41,17 +40,12 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))
-def test_readme_quantize_while_loading_example_runs_as_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str
-) -> None:
+def test_the_readme_recipe_fills_every_buffer_and_equals_load_then_convert(tmp_path: Path, arch: str) -> None:
     config = CONFIGS[arch]
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(config).eval()
     reference.save_pretrained(tmp_path / "checkpoint_folder")
-    monkeypatch.chdir(tmp_path)
-    namespace = {"AutoModelForCausalLM": AutoModelForCausalLM, "config": config}
-    exec(readme_example(), namespace)  # the README's own code
-    model: nn.Module = namespace["model"]
+    model = load_as_the_readme_does(str(tmp_path / "checkpoint_folder"), config)
 
     expected = dict(reference.named_buffers())
     assert expected, "the architecture has non-persistent buffers"
