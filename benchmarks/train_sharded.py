@@ -97,6 +97,22 @@ def four_bit_bytes(model: Any) -> dict[str, int]:
     return {"packed_4bit_bytes": packed, "stats_bytes": stats}
 
 
+def packed_bytes_held(model: Any) -> int:
+    """Packed 4-bit bytes this process holds now (layers not loaded yet, still on meta, hold none)."""
+    import torch
+
+    from lightning_qlora.quantization.layers import is_linear4bit
+
+    total = 0
+    for sub in model.modules():
+        weight = getattr(sub, "weight", None)
+        if not is_linear4bit(sub) or weight is None or weight.is_meta or weight.dtype != torch.uint8:
+            continue
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        total += local.numel() * local.element_size()
+    return total
+
+
 def unit_bytes(model: Any) -> int:
     """Packed 4-bit bytes of the largest decoder layer, whole: what a process holds while FSDP2 has that unit
     gathered (its own rows included), on top of its shards."""
@@ -182,7 +198,7 @@ def worker_main(args: argparse.Namespace) -> int:
                 model = self.model
 
                 def count(key: str) -> str:  # called before each tensor is read
-                    held = four_bit_bytes(model)["packed_4bit_bytes"]
+                    held = packed_bytes_held(model)
                     summary["load_peak_4bit_bytes"] = max(summary.get("load_peak_4bit_bytes", 0), held)
                     return key
 

@@ -56,8 +56,12 @@ def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def keep_rows(tensor: torch.Tensor, mesh: Any, requires_grad: bool = False) -> nn.Parameter:
-    """A parameter holding only this process's rows of `tensor` (a copy, so the whole can be freed)."""
+    """A parameter holding only this process's rows of `tensor` (a copy, so the whole can be freed); a
+    scalar has no rows and stays whole."""
     from torch.distributed.tensor import DTensor, Shard
+
+    if tensor.dim() == 0:
+        return nn.Parameter(tensor.detach(), requires_grad=requires_grad)
 
     first, stop = row_range(tensor.shape[0], mesh.get_local_rank(), mesh.size())
     local = tensor.detach().narrow(0, first, stop - first).clone()

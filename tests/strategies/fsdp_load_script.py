@@ -62,6 +62,7 @@ class CausalLM(pl.LightningModule):
         self.losses: dict[int, float] = {}
         self.load_peak_4bit = 0
         self.load_stats = 0
+        self.refusal = ""
 
     def configure_model(self) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,6 +72,11 @@ class CausalLM(pl.LightningModule):
         with torch.device("meta"):
             self.model = LlamaForCausalLM(LlamaConfig.from_pretrained(self.model_dir))
         model = self.model
+        if self.device_mesh is not None:  # refused before any tensor is read: the mesh is on the CPU
+            try:
+                load_quantized(model, self.model_dir, device="meta", shard=self.device_mesh)
+            except ValueError as error:
+                self.refusal = str(error)
 
         def count(key: str) -> str:  # called before each tensor is read
             self.load_peak_4bit = max(self.load_peak_4bit, held_4bit_bytes(model)[0])
@@ -109,6 +115,7 @@ class Snapshot(Callback):
                 "state": state,
                 "adapters": {k: v for k, v in state.items() if "lora_" in k},
                 "losses": pl_module.losses,
+                "refusal": pl_module.refusal,
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
