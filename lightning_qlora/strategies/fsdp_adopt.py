@@ -72,7 +72,7 @@ def _on_fsdp_layout(registered: nn.Parameter | None, loaded: nn.Parameter) -> nn
     """`loaded`'s rows as a parameter on the mesh and placements FSDP2 registered for it."""
     from torch.distributed.tensor import DTensor
 
-    if not isinstance(registered, DTensor):  # fully_shard failed before registering: put the rows back
+    if not isinstance(registered, DTensor):  # no fully_shard in the block (or it failed): the rows back
         return loaded
     if tuple(registered.shape) != tuple(loaded.shape) or registered.placements != loaded.placements:
         raise ValueError(
