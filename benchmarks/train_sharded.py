@@ -320,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__, threads_default=1)
     parser.add_argument("--model-size", default="0.5b", help="a name of benchmarks.harness.LLAMA_SIZES")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the saved model here")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers (default: the size's); fewer keep every tensor at the size's shapes for a "
+        "fraction of the time (the resident bytes then scale with the layers)",
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=3, help="measured steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -342,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     config_kwargs = llama_size(args.model_size)
+    if args.layers is not None:
+        config_kwargs["num_hidden_layers"] = args.layers
     runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in args.configs}
     machine = machine_info()
     if args.rows_from is not None:  # the same measurements, tabulated again
@@ -402,14 +411,17 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "machine": machine,
         "model_size": args.model_size,
-        "params": llama_param_count(llama_size(args.model_size)),
+        "params": llama_param_count(config_kwargs),
+        "layers": config_kwargs["num_hidden_layers"],
         "settings": {
-            k: getattr(args, k) for k in ("steps", "warmup", "seq_len", "repeats", "threads", "seed")
+            k: getattr(args, k)
+            for k in ("steps", "warmup", "seq_len", "repeats", "threads", "seed", "layers")
         },
         "rows": rows,
         "runs": runs,
     }
     name = NAME if args.model_size == "0.5b" else f"{NAME}_{args.model_size}"
+    name += f"_{args.layers}layers" if args.layers is not None else ""
     write_results(args.out, name, payload, table)
     report_written(args.out, name, table, time.perf_counter() - started)
     return 0
