@@ -189,10 +189,10 @@ def check_ranks(plan: list[tuple[str, nn.Module, int]]) -> None:
 def summarize(model: nn.Module) -> AdapterSummary:
     trainable = total = 0
     # a 4-bit weight loaded as this process's rows (load_quantized(shard=...)) counts as its whole matrix
-    whole = {
-        id(sub.weight): sub.in_features * sub.out_features
+    whole: dict[int, int] = {
+        id(sub.weight): int(sub.in_features) * int(sub.out_features)
         for sub in model.modules()
-        if is_linear4bit(sub) and sub.weight.device.type != "meta"
+        if isinstance(sub, nn.Linear) and is_linear4bit(sub)
     }
     for param in model.parameters():
         n = whole.get(id(param)) or logical_numel(param)
