@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in previous["settings"].items():
             setattr(args, key, value)
         args.model_size = previous["model_size"]
+        config_kwargs = llama_size(args.model_size)
+        if args.layers is not None:
+            config_kwargs["num_hidden_layers"] = args.layers
     else:
         with (
             model_folder(args.model_dir, "train_sharded_") as model_dir,
