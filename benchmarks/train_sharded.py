@@ -12,15 +12,22 @@ layer but the head, paged AdamW, clipping 0.3, activation checkpointing of every
 - ``fsdp2``: two processes, ``QLoRAFSDPStrategy`` (each holds half of every layer; decoder layers are the
   FSDP units).
 
+Every configuration loads the model in ``configure_model``; under ``qlora_fsdp`` with
+``load_quantized(shard=self.device_mesh)``, so each rank reads every tensor but keeps only its rows.
+
 Each process is started by this script with torch's rank variables (so Lightning does not relaunch it) and
 reports: its 4-bit bytes resident after setup (its shard of the packed weights plus the replicated
-statistics), its peak RSS during setup and during training (``VmHWM``, reset between the two), and the
-median wall time of a step after the warm-up steps. Two processes do twice the work of one per step (two
+statistics), the most packed 4-bit bytes its model held while loading, the packed bytes of one whole
+decoder layer (what a gathered unit adds), its RSS before loading (interpreter and libraries), its peak RSS
+during setup (loading included) and during training (``VmHWM``, reset between the two), and the median
+wall time of a step after the warm-up steps. Two processes do twice the work of one per step (two
 rows); ``rows_per_s`` compares throughput. On CPU the two processes share the machine's cores (one thread
 each by default).
 
 Run: ``python -m benchmarks.train_sharded [--model-size 0.5b] [--steps 3] [--repeats 1]``
-(``--model-size tiny`` for a smoke run).
+(``--model-size tiny`` for a smoke run). At Llama-2-7B shapes, with the checkpoint ``benchmarks.train_7b``
+writes, one configuration per invocation (each takes minutes to load):
+``--model-size 7b --model-dir CKPT --steps 1 --warmup 0 --configs fsdp2 [--add-to RESULTS.json]``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +97,34 @@ def four_bit_bytes(model: Any) -> dict[str, int]:
     return {"packed_4bit_bytes": packed, "stats_bytes": stats}
 
 
+def packed_bytes_held(model: Any) -> int:
+    """Packed 4-bit bytes this process holds now (layers not loaded yet, still on meta, hold none)."""
+    import torch
+
+    from lightning_qlora.quantization.layers import is_linear4bit
+
+    total = 0
+    for sub in model.modules():
+        weight = getattr(sub, "weight", None)
+        if not is_linear4bit(sub) or weight is None or weight.is_meta or weight.dtype != torch.uint8:
+            continue
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        total += local.numel() * local.element_size()
+    return total
+
+
+def unit_bytes(model: Any) -> int:
+    """Packed 4-bit bytes of the largest decoder layer, whole: what a process holds while FSDP2 has that unit
+    gathered (its own rows included), on top of its shards."""
+    from lightning_qlora.quantization.layers import is_linear4bit
+
+    layers = model.model.layers
+    return max(
+        sum(sub.weight.numel() * sub.weight.element_size() for sub in layer.modules() if is_linear4bit(sub))
+        for layer in layers
+    )
+
+
 def other_param_bytes(model: Any) -> int:
     """Bytes of the other parameters this process holds (embeddings, norms, head, adapters)."""
     from lightning_qlora.quantization.layers import is_linear4bit
@@ -136,16 +172,6 @@ def worker_main(args: argparse.Namespace) -> int:
 
     with ProcessMeter(interval=0.01) as process:
         meter = StepMeter(torch.device("cpu"), args.warmup, total, process)
-        model = build_on_meta(LlamaConfig.from_pretrained(model_dir))
-        load_quantized(
-            model,
-            model_dir,
-            QuantizationConfig(compute_dtype=torch.float32),
-            device=torch.device("cpu"),
-            compute_dtype=torch.float32,
-            dtype=torch.float32,
-        )
-        model.train()
         common = {
             "optimizer": OptimizerConfig(name="paged_adamw", lr=LR),
             "max_grad_norm": MAX_GRAD_NORM,
@@ -158,9 +184,37 @@ def worker_main(args: argparse.Namespace) -> int:
         }[args.worker]()
 
         class CausalLM(pl.LightningModule):
-            def __init__(self, model: Any) -> None:
+            """Loads in `configure_model`: under "qlora_fsdp" each rank reads and keeps only its rows
+            (`shard=self.device_mesh`); one process and DDP (no mesh) load the whole model."""
+
+            def __init__(self) -> None:
                 super().__init__()
-                self.model = model
+                self.model: Any = None
+
+            def configure_model(self) -> None:
+                if self.model is not None:
+                    return
+                self.model = build_on_meta(LlamaConfig.from_pretrained(model_dir))
+                model = self.model
+
+                def count(key: str) -> str:  # called before each tensor is read
+                    held = packed_bytes_held(model)
+                    summary["load_peak_4bit_bytes"] = max(summary.get("load_peak_4bit_bytes", 0), held)
+                    return key
+
+                load_quantized(
+                    model,
+                    model_dir,
+                    QuantizationConfig(compute_dtype=torch.float32),
+                    device=torch.device("cpu"),
+                    compute_dtype=torch.float32,
+                    dtype=torch.float32,
+                    key_map=count,
+                    shard=self.device_mesh,
+                )
+                count("")
+                summary["unit_4bit_bytes"] = unit_bytes(model)
+                model.train()
 
             def training_step(self, batch: Any, batch_idx: int) -> Any:
                 return self.model(input_ids=batch, labels=batch).loss
@@ -194,7 +248,7 @@ def worker_main(args: argparse.Namespace) -> int:
             limit_val_batches=0,
             use_distributed_sampler=False,
         )
-        trainer.fit(CausalLM(model), DataLoader(data, batch_size=1, shuffle=False))
+        trainer.fit(CausalLM(), DataLoader(data, batch_size=1, shuffle=False))
     result = {"config": args.worker, "rank": rank, "processes": processes, **meter.result(), **summary}
     Path(args.result).write_text(json.dumps(result))
     return 0
@@ -250,6 +304,9 @@ def summarize(name: str, runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
         "packed_4bit_mib_per_rank": max(r["packed_4bit_bytes"] for r in ranks) / MIB,
         "stats_mib_per_rank": max(r["stats_bytes"] for r in ranks) / MIB,
         "other_params_mib_per_rank": max(r["other_param_bytes"] for r in ranks) / MIB,
+        "load_peak_4bit_mib_per_rank": max(r.get("load_peak_4bit_bytes", 0) for r in ranks) / MIB,
+        "unit_4bit_mib": max(r.get("unit_4bit_bytes", 0) for r in ranks) / MIB,
+        "baseline_mib_per_rank": max(r["baseline_mib"] or 0 for r in ranks),
         "setup_peak_mib_per_rank": max(r["setup_peak_mib"] for r in ranks),
         "train_peak_mib_per_rank": max(r["train_peak_mib"] for r in ranks),
         "s_per_step": step,
@@ -263,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__, threads_default=1)
     parser.add_argument("--model-size", default="0.5b", help="a name of benchmarks.harness.LLAMA_SIZES")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the saved model here")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers (default: the size's); fewer keep every tensor at the size's shapes for a "
+        "fraction of the time (the resident bytes then scale with the layers)",
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=3, help="measured steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -270,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows-from", type=Path, default=None, help="re-tabulate the runs of a results JSON")
+    parser.add_argument(
+        "--add-to",
+        type=Path,
+        default=None,
+        help="a results JSON of the same settings: keep its runs of the other configurations (a large "
+        "model measured one configuration per invocation)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -278,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     config_kwargs = llama_size(args.model_size)
+    if args.layers is not None:
+        config_kwargs["num_hidden_layers"] = args.layers
     runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in args.configs}
     machine = machine_info()
     if args.rows_from is not None:  # the same measurements, tabulated again
@@ -286,13 +359,24 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in previous["settings"].items():
             setattr(args, key, value)
         args.model_size = previous["model_size"]
+        config_kwargs = llama_size(args.model_size)
+        if args.layers is not None:
+            config_kwargs["num_hidden_layers"] = args.layers
     else:
-        with model_folder(args.model_dir, "train_sharded_") as model_dir:
+        with (
+            model_folder(args.model_dir, "train_sharded_") as model_dir,
+            tempfile.TemporaryDirectory(prefix="train_sharded_ranks_") as rank_files,
+        ):
             if not (model_dir / "config.json").exists():
                 save_random_model(config_kwargs, "float32", args.seed, model_dir)
-            for _, name in interleaved(args.configs, args.repeats):
-                runs[name].append(run_config(name, model_dir, args, model_dir))
+            for _, name in interleaved(args.configs, args.repeats):  # a given model folder is only read
+                runs[name].append(run_config(name, model_dir, args, Path(rank_files)))
             machine = machine_info()  # the load average at the end
+        if args.add_to is not None and args.add_to.exists():
+            previous = json.loads(args.add_to.read_text())
+            kept = {k: v for k, v in previous["runs"].items() if k not in runs}
+            runs = {name: kept.get(name) or runs[name] for name in CONFIGS if name in kept or name in runs}
+            machine = {"this_run": machine, "earlier_runs": previous["machine"]}
     rows = [summarize(name, found) for name, found in runs.items()]
     single = next((row for row in rows if row["config"] == "single"), None)
     if single is not None:
@@ -317,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         "stats_mib_per_rank",
         "other_params_mib_per_rank",
         "resident_weights_vs_single",
+        "load_peak_4bit_mib_per_rank",
+        "baseline_mib_per_rank",
         "setup_peak_mib_per_rank",
         "train_peak_mib_per_rank",
         "train_peak_vs_single",
@@ -328,15 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "machine": machine,
         "model_size": args.model_size,
-        "params": llama_param_count(llama_size(args.model_size)),
+        "params": llama_param_count(config_kwargs),
+        "layers": config_kwargs["num_hidden_layers"],
         "settings": {
-            k: getattr(args, k) for k in ("steps", "warmup", "seq_len", "repeats", "threads", "seed")
+            k: getattr(args, k)
+            for k in ("steps", "warmup", "seq_len", "repeats", "threads", "seed", "layers")
         },
         "rows": rows,
         "runs": runs,
     }
-    write_results(args.out, NAME, payload, table)
-    report_written(args.out, NAME, table, time.perf_counter() - started)
+    name = NAME if args.model_size == "0.5b" else f"{NAME}_{args.model_size}"
+    name += f"_{args.layers}layers" if args.layers is not None else ""
+    write_results(args.out, name, payload, table)
+    report_written(args.out, name, table, time.perf_counter() - started)
     return 0
 
 

@@ -21,7 +21,7 @@ from lightning_qlora.lora.loftq import apply_loftq, check_loftq_ready
 from lightning_qlora.lora.siblings import group_siblings
 from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.convert import iter_linear_layers, require_linear_layers
-from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR
+from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR, is_linear4bit
 from lightning_qlora.quantization.layers import logical_numel as quantized_numel
 
 
@@ -188,8 +188,14 @@ def check_ranks(plan: list[tuple[str, nn.Module, int]]) -> None:
 
 def summarize(model: nn.Module) -> AdapterSummary:
     trainable = total = 0
+    # a 4-bit weight loaded as this process's rows (load_quantized(shard=...)) counts as its whole matrix
+    whole: dict[int, int] = {
+        id(sub.weight): int(sub.in_features) * int(sub.out_features)
+        for sub in model.modules()
+        if isinstance(sub, nn.Linear) and is_linear4bit(sub)
+    }
     for param in model.parameters():
-        n = logical_numel(param)
+        n = whole.get(id(param)) or logical_numel(param)
         total += n
         if param.requires_grad:
             trainable += n

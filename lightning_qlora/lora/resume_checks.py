@@ -9,6 +9,7 @@ checkpoint and refuses a resume where either differs.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -38,11 +39,33 @@ def base_fingerprint(module: nn.Module) -> str:
         digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
         if param.device.type == "meta" or param.numel() == 0:
             continue
-        flat = param.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu").contiguous()
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
+        digest.update(_sample_bytes(param.detach()))
     return digest.hexdigest()
+
+
+def _sample_bytes(param: torch.Tensor) -> bytes:
+    """The bytes of every `numel // 1024`-th value, the first 1024 of them; the same for a parameter split by
+    rows between processes (`load_quantized(shard=...)`), whose samples are summed from the processes that
+    hold them (a collective, as `inject` runs on every process)."""
+    from lightning_qlora.quantization.row_shards import is_row_shard, row_range
+
+    step = max(1, param.numel() // _SAMPLES_PER_TENSOR)
+    if not is_row_shard(param):
+        sample = param.reshape(-1)[::step][:_SAMPLES_PER_TENSOR].to("cpu").contiguous()
+        return bytes(sample.view(torch.uint8).numpy().tobytes())
+    import torch.distributed as dist
+
+    mesh = param.device_mesh  # type: ignore[attr-defined]
+    local = param.to_local()  # type: ignore[attr-defined]
+    row = math.prod(param.shape[1:])
+    first, stop = row_range(param.shape[0], mesh.get_local_rank(), mesh.size())
+    wanted = torch.arange(0, param.numel(), step, device=local.device)[:_SAMPLES_PER_TENSOR]
+    mine = (wanted >= first * row) & (wanted < stop * row)
+    sample = torch.zeros(wanted.numel(), dtype=param.dtype, device=local.device)
+    sample[mine] = local.reshape(-1)[wanted[mine] - first * row]
+    summed = sample.view(torch.uint8).to(torch.int32)  # each byte from one process, zeros from the others
+    dist.all_reduce(summed, group=mesh.get_group())
+    return bytes(summed.to(torch.uint8).cpu().numpy().tobytes())
 
 
 def precision_setup(trainer: pl.Trainer) -> dict[str, Any]:

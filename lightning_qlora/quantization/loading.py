@@ -11,6 +11,7 @@ import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from lightning_qlora.quantization.layers import (
     to_linear4bit,
 )
 from lightning_qlora.quantization.meta_buffers import MetaBufferError, restore_non_persistent_buffers
+from lightning_qlora.quantization.row_shards import keep_rows, shard_mesh
 
 StateSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, torch.Tensor]
 
@@ -50,6 +52,7 @@ def load_quantized(
     strict: bool = True,
     key_map: Callable[[str], str | None] | None = None,
     limit_cpu_heap: bool = PrecisionPluginSettings.limit_cpu_heap,
+    shard: Any = None,
 ) -> list[str]:
     """Fill `model` from `source`, quantizing the selected linear weights layer by layer on `device`.
 
@@ -61,6 +64,12 @@ def load_quantized(
     (the caching allocator is installed for the load and the previous one put back after it):
     loading's megabyte-size temporaries then go back to the OS instead of leaving the heap full of free
     blocks that training's activations refill, leaving training's peak to chance (benchmarks/README.md).
+
+    `shard` (a torch `DeviceMesh`: under `strategy="qlora_fsdp"`, the LightningModule's `self.device_mesh`
+    in `configure_model`) makes every process keep only the rows of each parameter that FSDP2 gives it: each
+    linear weight is still quantized whole (its statistics need every value), then all but this process's
+    rows of its packed bytes are dropped at once. So no process holds the whole 4-bit model, and the
+    strategy adopts the shards without a gather (docs/sharded.md). Without it, every process loads all.
     """
     limit_cpu_heap = check_bool("load_quantized", "limit_cpu_heap", limit_cpu_heap)
     if config is not None and not isinstance(config, QuantizationConfig):
@@ -72,9 +81,10 @@ def load_quantized(
     config = config or QuantizationConfig()
     refuse_unmeasured_keep_sensitive(config, "load_quantized (which never holds the full-precision model)")
     device = torch.device(device)
+    mesh = shard_mesh(shard, device) if shard is not None else None
     require_linear_layers(model)
     with lean_cpu_memory(limit_cpu_heap and device.type == "cpu"):
-        return _load(model, source, config, device, compute_dtype, dtype, strict, key_map)
+        return _load(model, source, config, device, compute_dtype, dtype, strict, key_map, mesh)
 
 
 def _load(
@@ -86,6 +96,7 @@ def _load(
     dtype: torch.dtype | None,
     strict: bool,
     key_map: Callable[[str], str | None] | None,
+    mesh: Any = None,
 ) -> list[str]:
     aliases = _tied_names(model)  # before the 4-bit shells replace (and so untie) a tied linear layer
     targets = _untied(quantization_targets(model, config), aliases)
@@ -105,7 +116,7 @@ def _load(
             unexpected.append(key)
             continue
         tensor = read()
-        new = _assign(model, target, tensor, device, dtype, shells)
+        new = _assign(model, target, tensor, device, dtype, shells, mesh)
         loaded.add(target)
         if target.rpartition(".")[0] in shells:
             release_cached()
@@ -116,7 +127,7 @@ def _load(
             if new is not None and not _is_shell_weight(alias, shells):
                 _set_tensor(model, alias, new)
             else:  # one side of the tie is quantized: each side gets its own copy of the same values
-                _assign(model, alias, tensor, device, dtype, shells)
+                _assign(model, alias, tensor, device, dtype, shells, mesh)
             loaded.add(alias)
 
     # Non-persistent buffers (rotary inv_freq, position_ids) are in no checkpoint: recompute those on meta.
@@ -227,8 +238,12 @@ def _assign(
     device: torch.device,
     dtype: torch.dtype | None,
     shells: Mapping[str, nn.Module],
+    mesh: Any = None,
 ) -> torch.Tensor | None:
-    """Put one tensor in place; return it if it is a parameter others may be tied to."""
+    """Put one tensor in place; return it if it is a parameter others may be tied to.
+
+    With a `mesh`, a parameter keeps only this process's rows (a 4-bit weight: of its packed bytes, once
+    the whole weight is quantized; its quant state stays whole on the module, as FSDP2 leaves it)."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     shell_name = module_name
@@ -237,6 +252,9 @@ def _assign(
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit layer {shell_name!r}.")
         set_full_precision_weight(module, tensor.to(device))
         quantize_layer(module, device)
+        if mesh is not None:
+            packed = cast(torch.Tensor, module.weight)
+            module._parameters["weight"] = keep_rows(packed, mesh)  # the whole packed bytes go
         return None
     old = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
     if old is not None and old.device.type != "meta" and tuple(old.shape) != tuple(tensor.shape):
@@ -249,7 +267,11 @@ def _assign(
     if leaf in module._parameters:
         requires_grad = old.requires_grad if old is not None else False
         frozen = module_name in shells  # the bias of a quantized layer is frozen like its weight
-        param = nn.Parameter(tensor, requires_grad=requires_grad and not frozen)
+        trained = requires_grad and not frozen
+        if mesh is not None:
+            param = keep_rows(tensor, mesh, requires_grad=trained)
+        else:
+            param = nn.Parameter(tensor, requires_grad=trained)
         module._parameters[leaf] = param
         return param
     module._buffers[leaf] = tensor

@@ -34,6 +34,7 @@ from typing_extensions import override
 
 from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._settings import check_bool
+from lightning_qlora.strategies.fsdp_adopt import adopting_row_shards
 from lightning_qlora.strategies.fsdp_optim import shard_local_steps
 from lightning_qlora.strategies.fsdp_state import (
     full_optimizer_state,
@@ -187,21 +188,30 @@ class QLoRAFSDPStrategy(_PagedOptimizerMixin, ModelParallelStrategy):
         spec = self._unit_spec(model)
         layers = activation_checkpoint_targets(model, spec) if spec is not None else []
         device = self.root_device
+        name = type(self).__name__
+
+        def shard(unit: nn.Module, managed: list[nn.Module]) -> None:
+            # parameters loaded with load_quantized(shard=...) hold this process's rows already: adopted
+            with adopting_row_shards(managed, mesh.size(), device, name):
+                _move_to(unit, device)
+                fully_shard(unit, **options)
+
         for layer in layers:
             _quantize_pending(layer, device)  # a CPU weight is quantized on the device (as with "qlora")
-            layer.to(device)
-            fully_shard(layer, **options)  # the whole layer is dropped: this process keeps its rows
+            shard(layer, list(layer.modules()))  # the whole layer is dropped: this process keeps its rows
         inside = {id(sub) for layer in layers for sub in layer.modules()}
         outside = [sub for sub in model.modules() if id(sub) not in inside]
         for sub in outside:
             _quantize_pending(sub, device, recurse=False)
-            sub._apply(lambda t: t.to(device), recurse=False)  # its own tensors only
+            with adopting_row_shards([sub], mesh.size(), device, name):
+                _move_to(sub, device, recurse=False)  # its own tensors only
         leaves = _full_precision_leaves(model, layers)
         for leaf in leaves:
-            fully_shard(leaf, **options)
+            shard(leaf, [leaf])
+        inside.update(id(leaf) for leaf in leaves)
         roots = _root_units(model, [*layers, *leaves])
         for root in roots:
-            fully_shard(root, **options)
+            shard(root, [sub for sub in root.modules() if id(sub) not in inside])
         self._units = [*layers, *leaves, *roots]
         classes = sorted({type(m).__name__.removeprefix("FSDP") for m in layers})
         rank_zero_info(
@@ -300,6 +310,14 @@ def _quantize_pending(model: nn.Module, device: torch.device, recurse: bool = Tr
     for sub in model.modules() if recurse else [model]:
         if is_linear4bit(sub) and not is_quantized(sub):
             quantize_layer(sub, device)
+
+
+def _move_to(module: nn.Module, device: torch.device, recurse: bool = True) -> None:
+    """`module.to(device)`, leaving meta tensors (the placeholders of adopted shards) alone; nothing is
+    applied to a module already there (`_apply` would swap its DTensor parameters for themselves)."""
+    tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+    if any(not t.is_meta and t.device != device for t in tensors):
+        module._apply(lambda t: t if t.is_meta or t.device == device else t.to(device), recurse=recurse)
 
 
 def _check_storage(model: nn.Module, owner: str) -> None:

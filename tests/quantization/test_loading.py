@@ -109,6 +109,9 @@ def test_loading_errors_name_the_problem(tmp_path: Path) -> None:
         load_quantized(TinyNet(), tmp_path / "weights.bin", CONFIG)
     with torch.device("meta"):
         meta_model = TinyNet()
+    with pytest.raises(TypeError, match=r"shard= takes a torch DeviceMesh .*self.device_mesh.*got int"):
+        load_quantized(meta_model, state, CONFIG, shard=2)  # type: ignore[arg-type]
+    assert type(meta_model.lm_head) is nn.Linear and meta_model.lm_head.weight.is_meta  # untouched
     with pytest.raises(ValueError, match="meta device"):
         replace_linear_layers(meta_model, CONFIG)
 
