@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import fields, replace
 from typing import Any
 
@@ -16,9 +18,10 @@ from lightning_qlora._settings import check_bool, config_from, signature_with_fi
 from lightning_qlora.quantization import cpu_caching_allocator
 from lightning_qlora.quantization.backends import get_backend
 from lightning_qlora.quantization.compute_dtype import resolve_compute_dtype
-from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig
+from lightning_qlora.quantization.config import PrecisionPluginSettings, QuantizationConfig, torch_dtype
 from lightning_qlora.quantization.convert import replace_linear_layers, set_compute_dtype
 from lightning_qlora.quantization.cpu_allocator import start_lean_cpu_memory
+from lightning_qlora.quantization.init_context import QuantizedInit
 from lightning_qlora.quantization.layers import is_linear4bit, is_quantized_weight, quantize_layer
 from lightning_qlora.quantization.report import QuantizationReport, quantization_report
 from lightning_qlora.quantization.sensitivity import SensitivityChoice
@@ -36,6 +39,10 @@ class QLoRAPrecision(Precision):
     accelerator are quantized in `convert_module`; weights on the CPU are quantized when the strategy moves
     the model to its device, so a CPU-built model that trains on CUDA is quantized on CUDA and never exists
     there in full precision.
+
+    Under `trainer.init_module()` (or Fabric's `init_module()`) the model is built directly in 4 bits, each
+    linear layer quantized as it is attached to its parent, so the whole model never exists in full
+    precision (`QuantizedInit`; not with `keep_sensitive`, which measures full-precision layers).
 
     Args:
         config: the storage format (`QuantizationConfig`); its defaults are the paper's (NF4, blocksize 64,
@@ -72,7 +79,8 @@ class QLoRAPrecision(Precision):
         self.log_report = check_bool("QLoRAPrecision", "log_report", log_report)
         self.limit_cpu_heap = check_bool("QLoRAPrecision", "limit_cpu_heap", limit_cpu_heap)
         self.report: QuantizationReport | None = None
-        self.compute_dtype: torch.dtype | None = None
+        self._compute_dtype: torch.dtype | None = None
+        self._building: QuantizedInit | None = None  # the init_module context being entered
         self._holds_allocator = False  # the caching allocator is installed for this run, until teardown
         self.calibration_batch: Any = None
         """The batch `keep_sensitive` measures layers on, passed to the module's `training_step` as is; set it
@@ -80,6 +88,53 @@ class QLoRAPrecision(Precision):
         not a command-line setting."""
         self.sensitivity: SensitivityChoice | None = None
         """With `keep_sensitive`: every layer's measured effect and the layers kept in full precision."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the 4-bit layers dequantize into and compute in.
+
+        Fixed once the device is known (at `init_module` or at setup); before that the configured dtype if
+        it is explicit, None for "auto" (it depends on the device).
+        """
+        if self._compute_dtype is not None:
+            return self._compute_dtype
+        requested = self.config.compute_dtype
+        return requested if isinstance(requested, torch.dtype) else torch_dtype(requested)
+
+    @override
+    def tensor_init_context(self) -> AbstractContextManager:
+        """What `trainer.init_module()` enters (on the root device): linear layers made inside are built in
+        4 bits. Lightning enters it around `configure_model` too, where `module_init_context` pauses it."""
+        return self._build_in_4bit()
+
+    @override
+    def module_init_context(self) -> AbstractContextManager:
+        """What Fabric's `init_module()` enters: linear layers made inside are built in 4 bits.
+
+        The Trainer enters it around `configure_model` inside `tensor_init_context`; there it pauses the
+        4-bit build, so a model made in `configure_model` is quantized at setup as before (LoftQ and
+        `keep_sensitive` need its full-precision weights then).
+        """
+        if self._building is not None:
+            return self._building.paused()
+        return self._build_in_4bit()
+
+    @contextmanager
+    def _build_in_4bit(self) -> Iterator[None]:
+        with QuantizedInit(self.config, self.limit_cpu_heap) as building:
+            self._building = building
+            self._compute_dtype = building.compute_dtype or self._compute_dtype
+            try:
+                yield
+            finally:
+                self._building = None
+        if building.deferred:
+            rank_zero_info(
+                f"QLoRAPrecision: {len(building.deferred)} linear layer(s) an exclude pattern might name "
+                f"({', '.join(sorted(set(building.deferred))[:4])}) were built in full precision; those the "
+                "patterns do not keep are quantized at setup (one-part patterns such as lm_head are decided "
+                "as each layer is built)."
+            )
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -109,8 +164,10 @@ class QLoRAPrecision(Precision):
             quantize_layer(layer)
         if layers:
             device = layers[0].weight.device
-            self.compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device, self.config.backend)
-            set_compute_dtype(model, self.compute_dtype)
+            self._compute_dtype = resolve_compute_dtype(
+                self.config.compute_dtype, device, self.config.backend
+            )
+            set_compute_dtype(model, self._compute_dtype)
             if self.limit_cpu_heap and device.type == "cpu" and not self._holds_allocator:
                 self._holds_allocator = start_lean_cpu_memory()
         _refuse_training_quantized_weights(model, optimizers)

@@ -30,6 +30,13 @@ _EXPORTS: dict[str, str] = {
     "save_merged": "lightning_qlora.lora.merge",
     "unmerge_in_place": "lightning_qlora.lora.merge",
     "AdapterMismatchError": "lightning_qlora.lora.peft_format",
+    "AdapterVariant": "lightning_qlora.lora.variants",
+    "ExtraTensor": "lightning_qlora.lora.variants",
+    "UnknownVariantError": "lightning_qlora.lora.variants",
+    "get_variant": "lightning_qlora.lora.variants",
+    "register_variant": "lightning_qlora.lora.variants",
+    "unregister_variant": "lightning_qlora.lora.variants",
+    "variant_names": "lightning_qlora.lora.variants",
     "EXPORT_MARKER": "lightning_qlora._export_dir",
     "ExportDirError": "lightning_qlora._export_dir",
     "load_peft_adapter": "lightning_qlora.lora.peft_format",
@@ -64,6 +71,15 @@ if TYPE_CHECKING:
         unmerge_in_place,
     )
     from lightning_qlora.lora.peft_format import AdapterMismatchError, load_peft_adapter, save_peft_adapter
+    from lightning_qlora.lora.variants import (
+        AdapterVariant,
+        ExtraTensor,
+        UnknownVariantError,
+        get_variant,
+        register_variant,
+        unregister_variant,
+        variant_names,
+    )
 
 
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
@@ -74,15 +90,19 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterModule",
     "AdapterSummary",
+    "AdapterVariant",
     "DoRALinear",
     "ExportDirError",
+    "ExtraTensor",
     "LoRA",
     "LoRAConfig",
     "LoRALinear",
     "LoftQInit",
     "PatternMatchError",
+    "UnknownVariantError",
     "adapter_modules",
     "adapter_params",
+    "get_variant",
     "inject_adapters",
     "is_adapter",
     "load_peft_adapter",
@@ -90,10 +110,13 @@ __all__ = [
     "merge_adapters",
     "merge_in_place",
     "merged_state_dict",
+    "register_variant",
     "save_loftq_base",
     "save_merged",
     "save_peft_adapter",
     "set_trainable_params",
     "summarize",
     "unmerge_in_place",
+    "unregister_variant",
+    "variant_names",
 ]

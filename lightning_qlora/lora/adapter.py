@@ -4,7 +4,8 @@ As in torchtune's `modules/peft`, adapters are found by what they can do, never 
 names: a layer that wraps a `base_layer`, names its trainable parameters, computes its delta weight and
 says how PEFT stores it is an adapter. `LoRALinear` is one; a variant with another parameter (DoRA's
 magnitude vector, say) is a new class implementing the same methods, and every function here, the
-callback, the exporter and the merge handle it without change.
+callback, the exporter and the merge handle it without change. Registering it (`lora.variants`) is what
+lets injection build it by name and the PEFT loader rebuild it from a folder.
 """
 
 from __future__ import annotations

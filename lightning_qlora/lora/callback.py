@@ -60,8 +60,9 @@ class LoRA(Callback):
             training stops with a `DivergenceError` (0, the default: stop at the first).
         **kwargs: fields of `LoRAConfig` (`r`, `alpha`, `dropout`, `target_modules`, `exclude`,
             `rank_pattern`, `alpha_pattern`, `use_rslora`, `modules_to_save`, `adapter_dtype`, `use_dora`,
-            `init`, `loftq_iter`), a shorthand: `LoRA(r=8)` is `LoRA(LoRAConfig(r=8))`; given with `config`,
-            they replace its fields. `use_dora=True` trains DoRA (QDoRA over a 4-bit base);
+            `variant`, `init`, `loftq_iter`), a shorthand: `LoRA(r=8)` is `LoRA(LoRAConfig(r=8))`; given with
+            `config`, they replace its fields. `use_dora=True` trains DoRA (QDoRA over a 4-bit base);
+            `variant="name"` any registered adapter variant (`lightning_qlora.lora.variants`);
             `init="loftq"` starts A and B from the quantization residual, quantizing each base with
             `QLoRAPrecision`'s format at injection (its full-precision weight is still there then).
     """

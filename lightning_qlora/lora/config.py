@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,8 @@ from lightning_qlora.quantization.config import COMPUTE_DTYPES, DEFAULT_EXCLUDE,
 
 if TYPE_CHECKING:  # imported when `dtype` is read, so the CLI's schema reads this module fast
     import torch
+
+    from lightning_qlora.lora.variants import AdapterVariant
 
 OWNER = "LoRA"
 # dtypes the A and B matrices may have (the names QuantizationConfig's compute_dtype takes, less "auto").
@@ -63,7 +65,14 @@ class LoRAConfig:
         default=False,
         metadata={
             "help": "DoRA: a trainable magnitude per output beside the low-rank direction update "
-            "(QDoRA on a 4-bit base)."
+            "(QDoRA on a 4-bit base). The same as variant='dora' (PEFT's name for it)."
+        },
+    )
+    variant: str | None = field(
+        default=None,
+        metadata={
+            "help": "Adapter variant by registered name: 'lora', 'dora', or one added with "
+            "lightning_qlora.lora.variants.register_variant. None: 'dora' with use_dora, else 'lora'."
         },
     )
     init: str = field(
@@ -101,13 +110,20 @@ class LoRAConfig:
             _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
         check_bool(OWNER, "use_rslora", self.use_rslora)
         check_bool(OWNER, "use_dora", self.use_dora)
+        variant = _resolve_variant(self.variant, self.use_dora)
         check_bool(OWNER, "share_sibling_input", self.share_sibling_input)
-        if self.share_sibling_input and self.use_dora:
+        if self.share_sibling_input and not variant.shares_sibling_input:
             raise ValueError(
-                "LoRA share_sibling_input=True applies to plain LoRA only; DoRA (use_dora=True) applies "
-                "dropout by its own rule. Set one of them to False."
+                f"LoRA share_sibling_input=True applies to {_titles(lambda v: v.shares_sibling_input)} only; "
+                f"{variant.title} (variant {variant.name!r}) applies dropout by its own rule. Set "
+                "share_sibling_input=False or choose another variant."
             )
         check_choice(OWNER, "init", self.init, INIT_METHODS)
+        if self.init == "loftq" and not variant.supports_loftq:
+            raise ValueError(
+                f"LoRA init='loftq' is not available for {variant.title} (variant {variant.name!r}); it "
+                f"applies to {_titles(lambda v: v.supports_loftq)}. Use init='default'."
+            )
         check_int(OWNER, "loftq_iter", self.loftq_iter, minimum=1)
         if self.loftq_iter != 1 and self.init != "loftq":
             raise ValueError(
@@ -133,8 +149,35 @@ class LoRAConfig:
         assert dtype is not None
         return dtype
 
+    @property
+    def variant_name(self) -> str:
+        """The registered variant the adapters are: `variant`, or 'dora' / 'lora' from `use_dora`."""
+        return _resolve_variant(self.variant, self.use_dora).name
+
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _resolve_variant(name: object, use_dora: bool) -> AdapterVariant:
+    """The registered variant `variant` / `use_dora` ask for; an unknown name lists the registered ones."""
+    from lightning_qlora.lora.variants import get_variant  # imports torch: only when a config is made
+
+    if name is not None and not isinstance(name, str):
+        raise SettingTypeError(
+            f"LoRA variant must be a string or None, got {name!r} ({type(name).__name__})."
+        )
+    if use_dora and name not in (None, "dora"):
+        raise ValueError(
+            f"LoRA use_dora=True asks for DoRA, but variant={name!r}. Set variant alone (use_dora=True is "
+            "variant='dora')."
+        )
+    return get_variant("dora" if use_dora else (name or "lora"))
+
+
+def _titles(applies: Callable[[AdapterVariant], bool]) -> str:
+    from lightning_qlora.lora.variants import all_variants
+
+    return " and ".join(v.title for v in all_variants() if applies(v)) or "no registered variant"
 
 
 def _check_rank(what: str, value: object) -> None:

@@ -16,15 +16,12 @@ workspace, the low-rank update added in place, the row norms taken, and nothing 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_qlora._names import describe_names
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.quantization.layers import (
     dequantize_weight,
@@ -35,6 +32,7 @@ from lightning_qlora.quantization.layers import (
 from lightning_qlora.quantization.workspace import workspace
 
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's name, in state dicts and adapter files
+DORA_PEFT_FIELDS: dict[str, Any] = {"use_dora": True}  # what marks a PEFT folder as DoRA
 
 
 class DoRALinear(LoRALinear):
@@ -134,7 +132,7 @@ class DoRALinear(LoRALinear):
         return {**super().adapter_params(), MAGNITUDE: self.lora_magnitude_vector}
 
     def peft_config_fields(self) -> dict[str, Any]:
-        return {**super().peft_config_fields(), "use_dora": True}
+        return {**super().peft_config_fields(), **DORA_PEFT_FIELDS}
 
     def peft_tensor_names(self) -> dict[str, str]:
         return {**super().peft_tensor_names(), MAGNITUDE: MAGNITUDE}  # PEFT stores it without `.weight`
@@ -215,67 +213,3 @@ def _magnitude_loaded(
     """A magnitude arriving from a checkpoint or adapter file is final: it must not be recomputed."""
     if isinstance(module, DoRALinear) and prefix + MAGNITUDE in state_dict:
         module.magnitude_pending = False
-
-
-# ------------------------------------------------------------------------------- PEFT-format loading
-
-
-def split_magnitudes(
-    weights: Mapping[str, torch.Tensor], prefix: str
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The tensors of a PEFT adapter file without DoRA's magnitudes, and the magnitudes by module path.
-
-    PEFT stores a DoRA magnitude as `<prefix><module path>.lora_magnitude_vector` (no `.weight`).
-    """
-    rest: dict[str, torch.Tensor] = {}
-    magnitudes: dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        name = key.removeprefix(prefix)
-        if name.endswith("." + MAGNITUDE):
-            magnitudes[name[: -len(MAGNITUDE) - 1]] = value
-        else:
-            rest[key] = value
-    return rest, magnitudes
-
-
-def check_magnitudes(
-    magnitudes: Mapping[str, torch.Tensor],
-    lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    use_dora: bool,
-    folder: Path,
-) -> None:
-    """With `use_dora`, one finite float vector of B's output size per LoRA pair; without it, none."""
-    from lightning_qlora.lora.peft_checks import InvalidAdapterError
-
-    if magnitudes and not use_dora:
-        raise InvalidAdapterError(
-            f"{folder} holds DoRA magnitude tensors ({describe_names(sorted(magnitudes), 3)}) but its "
-            "adapter_config.json does not set use_dora: true."
-        )
-    if not use_dora:
-        return
-    missing = sorted(set(lora) - set(magnitudes))
-    stray = sorted(set(magnitudes) - set(lora))
-    if missing or stray:
-        detail = f"without a magnitude: {describe_names(missing, 3)}" if missing else ""
-        detail += "; " if missing and stray else ""
-        detail += f"magnitudes without a LoRA pair: {describe_names(stray, 3)}" if stray else ""
-        raise InvalidAdapterError(f"{folder} sets use_dora, but {detail}.")
-    bad = []
-    for name, value in magnitudes.items():
-        out_features = lora[name][1].shape[0]
-        if not value.is_floating_point() or tuple(value.shape) != (out_features,):
-            bad.append(f"{name!r}: {value.dtype} {tuple(value.shape)}, expected ({out_features},)")
-        elif not bool(torch.isfinite(value).all()):
-            bad.append(f"{name!r}: non-finite values")
-    if bad:
-        raise InvalidAdapterError(f"{folder} has invalid DoRA magnitudes: {'; '.join(bad[:4])}.")
-
-
-def load_magnitude(layer: nn.Module, value: torch.Tensor) -> None:
-    """Copy a magnitude from an adapter file into a `DoRALinear`; it is final (not recomputed later)."""
-    if not isinstance(layer, DoRALinear):
-        raise TypeError(f"A DoRA magnitude cannot load into a {type(layer).__name__}.")
-    with torch.no_grad():
-        layer.lora_magnitude_vector.copy_(value)
-    layer.magnitude_pending = False

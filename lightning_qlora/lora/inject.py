@@ -15,10 +15,9 @@ from lightning_qlora.lora.adapter import (
     is_adapter,
 )
 from lightning_qlora.lora.config import LoRAConfig
-from lightning_qlora.lora.dora import DoRALinear
-from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.lora.loftq import apply_loftq, check_loftq_ready
 from lightning_qlora.lora.siblings import group_siblings
+from lightning_qlora.lora.variants import get_variant
 from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.convert import iter_linear_layers, require_linear_layers
 from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR, is_linear4bit
@@ -72,9 +71,10 @@ def check_patterns(model: nn.Module, config: LoRAConfig, check_exclude: bool = F
 def inject_adapters(
     model: nn.Module, config: LoRAConfig, quantization: QuantizationConfig | None = None
 ) -> list[str]:
-    """Wrap every selected linear layer in a `LoRALinear` (`DoRALinear` with `config.use_dora`); already
-    adapted layers are left alone. With `config.init == "loftq"`, each base is quantized in
-    `quantization`'s format right here, by LoftQ, which also sets A and B.
+    """Wrap every selected linear layer in the layer class of `config.variant` (`LoRALinear`, `DoRALinear`
+    or a registered one: `lora.variants`); already adapted layers are left alone. With
+    `config.init == "loftq"`, each base is quantized in `quantization`'s format right here, by LoftQ, which
+    also sets A and B.
 
     Returns the names of the newly adapted layers. Idempotent, so it is safe to call again after
     `configure_model` has built more of the model.
@@ -89,10 +89,10 @@ def inject_adapters(
             if id(module) not in flagged and KEEP_FULL_PRECISION_ATTR in vars(module):
                 delattr(module, KEEP_FULL_PRECISION_ATTR)
         raise
-    adapter_class = DoRALinear if config.use_dora else LoRALinear
-    adapted: dict[str, LoRALinear] = {}
+    adapter_class = get_variant(config.variant_name).layer_class
+    adapted: dict[str, Any] = {}
     for name, linear, r, alpha in plan:
-        layer = adapter_class(
+        layer: Any = adapter_class(  # the constructor every registered variant's layer class has
             linear,
             r=int(r),
             alpha=float(alpha),

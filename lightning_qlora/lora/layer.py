@@ -150,11 +150,11 @@ def _accept_unwrapped_keys(
 ) -> None:
     """Let a checkpoint of the unadapted model load into the adapted one.
 
-    `x.weight` becomes `x.base_layer.weight`, so a base checkpoint loads after adapters were injected.
+    `x.weight` becomes `x.base_layer.weight`, so a base checkpoint loads after adapters were injected. Only
+    the base layer's own names move (`weight`, `bias`, a 4-bit weight's `weight.<state>`), so the adapter's
+    tensors keep theirs whatever a variant calls them: no prefix such as `lora_` is assumed.
     """
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "lora_")]:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix) :]
-        if not rest.startswith(BASE_LAYER + ".") and (
-            rest in ("weight", "bias") or rest.startswith("weight.")
-        ):
+        if rest in ("weight", "bias") or rest.startswith("weight."):
             state_dict[prefix + BASE_LAYER + "." + rest] = state_dict.pop(key)

@@ -27,8 +27,8 @@ from torch import nn
 
 from lightning_qlora._names import describe_names, logical_name, matches_any
 from lightning_qlora._settings import check_int
-from lightning_qlora.lora.dora import DoRALinear
 from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.lora.variants import variant_of
 from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.layers import (
     SOURCE_DTYPE_ATTR,
@@ -187,8 +187,9 @@ def apply_loftq(layer: LoRALinear, quantization: QuantizationConfig, iterations:
         layer.lora_A.copy_(start.lora_a)
         layer.lora_B.copy_(start.lora_b)
     layer.base_layer = start.base
-    if isinstance(layer, DoRALinear):  # the magnitude follows the new base and update
-        layer.magnitude_pending = True
+    variant = variant_of(layer)
+    if variant.base_replaced is not None:  # e.g. DoRA's magnitude follows the new base and update
+        variant.base_replaced(layer)
     return start
 
 

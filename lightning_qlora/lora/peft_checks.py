@@ -20,6 +20,7 @@ import torch
 
 from lightning_qlora._names import describe_names
 from lightning_qlora.lora.guard import nonfinite_names
+from lightning_qlora.lora.variants import all_variants
 
 # The fields of PEFT's LoraConfig (0.21) that lightning-qlora understands or can ignore: names, metadata,
 # and settings that only matter when PEFT initialises new adapters.
@@ -67,7 +68,12 @@ def check_adapter_config(config: Mapping[str, Any], path: Path) -> None:
     unknown = sorted(
         k for k, v in config.items() if k not in KNOWN_KEYS and v not in (None, False, [], {}, "")
     )
-    unknown = [k for k in unknown if k not in UNSUPPORTED_FEATURES and k not in _peft_lora_fields()]
+    variant_fields = {key for variant in all_variants() for key in variant.peft_fields}
+    unknown = [
+        k
+        for k in unknown
+        if k not in UNSUPPORTED_FEATURES and k not in _peft_lora_fields() and k not in variant_fields
+    ]
     if unknown:
         raise InvalidAdapterError(
             f"{path} sets keys lightning-qlora does not know: {describe_names(unknown, 6)}. Known keys: the "

@@ -27,7 +27,6 @@ from lightning_qlora._logging import rank_zero_info
 from lightning_qlora._names import describe_names, logical_name
 from lightning_qlora.lora.adapter import AdapterModule, adapter_modules, is_adapter
 from lightning_qlora.lora.config import LoRAConfig
-from lightning_qlora.lora.dora import DoRALinear, check_magnitudes, load_magnitude, split_magnitudes
 from lightning_qlora.lora.inject import inject_adapters
 from lightning_qlora.lora.peft_checks import (
     InvalidAdapterError,
@@ -35,6 +34,13 @@ from lightning_qlora.lora.peft_checks import (
     check_scaling,
     parse_adapter_config,
 )
+from lightning_qlora.lora.peft_variants import (
+    check_extra_tensors,
+    folder_variant,
+    load_extra_tensors,
+    split_extra_tensors,
+)
+from lightning_qlora.lora.variants import variant_of
 from lightning_qlora.quantization.layers import (
     KEEP_FULL_PRECISION_ATTR,
     dequantize_weight,
@@ -192,7 +198,7 @@ def _adapter_config(
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": False,  # PEFT's default; a variant's own fields (DoRA's use_dora) follow
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -281,11 +287,11 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
     folder = Path(directory)
     peft_config = read_adapter_config(folder)
     weights = read_adapter_weights(folder)
-    use_dora = bool(peft_config.get("use_dora", False))
-    weights, magnitudes = split_magnitudes(weights, KEY_PREFIX)
+    variant = folder_variant(peft_config, folder)
+    weights, extras = split_extra_tensors(weights, KEY_PREFIX)
     lora, full = _split_keys(weights)
     check_adapter_tensors(peft_config, lora, full, folder)  # before anything else: nothing poisons the model
-    check_magnitudes(magnitudes, lora, use_dora, folder)
+    check_extra_tensors(extras, lora, variant, folder)
     modules = _logical_modules(model)
 
     nonexistent = sorted(name for name in lora if name not in modules)
@@ -300,20 +306,20 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
     existing = {logical_name(name): layer for name, layer in adapter_modules(model)}
     if existing:
         _check_existing(existing, lora, strict, folder)
-        other_kind = sorted(name for name in lora if isinstance(existing[name], DoRALinear) != use_dora)
+        other_kind = sorted(name for name in lora if variant_of(existing[name]) is not variant)
         if other_kind:
-            kinds = ("DoRA", "plain LoRA") if use_dora else ("plain LoRA", "DoRA")
+            theirs = sorted({variant_of(existing[name]).title for name in other_kind})
             raise AdapterMismatchError(
-                f"{folder} holds {kinds[0]} adapters, but the model's adapters on "
-                f"{describe_names(other_kind, 4)} are {kinds[1]}; load into a model without adapters to "
-                "have the file's kind injected."
+                f"{folder} holds {variant.title} adapters, but the model's adapters on "
+                f"{describe_names(other_kind, 4)} are {' / '.join(theirs)}; load into a model without "
+                "adapters to have the file's kind injected."
             )
     else:
         _check_injectable(modules, lora, plan, folder)
     _check_full_shapes(model, modules, full, folder)
 
     if not existing and lora:
-        config = _lora_config_from(peft_config, plan, lora)
+        config = _lora_config_from(peft_config, plan, lora, variant.name)
         injected = set(inject_adapters(model, config))
         not_injected = sorted(set(lora) - {logical_name(n) for n in injected})
         if not_injected:
@@ -335,8 +341,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], stric
             params = layer.adapter_params()
             params["lora_A"].copy_(lora_a)
             params["lora_B"].copy_(lora_b)
-            if use_dora:
-                load_magnitude(cast(nn.Module, layer), magnitudes[name])
+            load_extra_tensors(cast(nn.Module, layer), variant, name, extras)
             r, alpha = plan[name]
             layer.alpha = alpha
             layer.scaling = alpha / (math.sqrt(r) if use_rslora else r)
@@ -417,8 +422,8 @@ def _split_keys(
             full[name] = value
     if unsupported:
         raise ValueError(
-            f"Adapter tensors of a kind this package does not implement (DoRA, embedding LoRA, ...): "
-            f"{unsupported[:4]}."
+            f"Adapter tensors of a kind this package does not implement (embedding LoRA, an unregistered "
+            f"variant, ...): {unsupported[:4]}."
         )
     incomplete = sorted(name for name, pair in halves.items() if len(pair) != 2)
     if incomplete:
@@ -580,8 +585,10 @@ def _lora_config_from(
     peft_config: Mapping[str, Any],
     plan: Mapping[str, tuple[int, float]],
     lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    variant: str,
 ) -> LoRAConfig:
-    """A LoRAConfig that adapts exactly the layers the file has weights for, with the file's r and alpha."""
+    """A LoRAConfig that adapts exactly the layers the file has weights for, with the file's r, alpha and
+    variant."""
     r = int(peft_config.get("r", 8))
     alpha = float(peft_config.get("lora_alpha", 8))  # PEFT's default
     first = next(iter(lora.values()))[0]
@@ -594,7 +601,7 @@ def _lora_config_from(
         rank_pattern={name: rank for name, (rank, _) in plan.items() if rank != r},
         alpha_pattern={name: a for name, (_, a) in plan.items() if not math.isclose(a, alpha)},
         use_rslora=bool(peft_config.get("use_rslora", False)),
-        use_dora=bool(peft_config.get("use_dora", False)),
+        variant=variant,
         modules_to_save=tuple(peft_config.get("modules_to_save") or ()),
         adapter_dtype=_DTYPE_NAMES.get(first.dtype, "float32"),
     )

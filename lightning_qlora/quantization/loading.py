@@ -1,6 +1,7 @@
 """Loading full-precision weights into a model and quantizing each linear weight as it arrives.
 
-The model is built without real weights (on the meta device, or under `Trainer.init_module(empty_init=True)`);
+The model is built without real weights (on the meta device, or under `Trainer.init_module(empty_init=True)`
+of a Trainer without `QLoRAPrecision`, whose `init_module` builds the linear layers in 4 bits itself);
 tensors are then read one at a time from a safetensors file (memory-mapped) or a state dict, so peak memory
 stays near the quantized model plus one layer instead of the full-precision model.
 """

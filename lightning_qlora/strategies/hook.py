@@ -388,6 +388,7 @@ def enable_activation_checkpointing(module: nn.Module) -> None:
     current = module.__dict__.get("forward")
     if isinstance(current, _CheckpointedForward):
         return
+    # No Lightning or torch hook runs a forward under `checkpoint` (FSDP's policy adds a renaming wrapper).
     module.forward = _CheckpointedForward(module, current)
 
 

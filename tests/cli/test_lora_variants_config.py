@@ -1,4 +1,5 @@
-"""The DoRA and LoftQ settings from the command line: `lora=dora`, `lora.init=loftq lora.loftq_iter=N`."""
+"""The DoRA, variant and LoftQ settings from the command line: `lora=dora`, `lora.variant=NAME`,
+`lora.init=loftq lora.loftq_iter=N`."""
 
 from __future__ import annotations
 
@@ -32,3 +33,9 @@ def test_lora_init_loftq_from_the_command_line(compose_train: Compose) -> None:
 def test_unknown_init_names_the_allowed_ones(compose_train: Compose) -> None:
     with pytest.raises(Exception, match=r"init 'pissa'.*allowed: default, loftq"):
         instantiate(compose_train("lora.init=pissa").lora)
+
+
+def test_variant_by_name_asks_the_registry(compose_train: Compose) -> None:
+    assert instantiate(compose_train("lora.variant=dora").lora).config.variant_name == "dora"
+    with pytest.raises(Exception, match=r"Unknown LoRA variant 'qdora'; registered variants: dora, lora"):
+        instantiate(compose_train("lora.variant=qdora").lora)
