@@ -6,4 +6,6 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline
 .venv/bin/ruff check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+# Two workers, a test file each at a time (files share their expensive fixtures); PYTEST_WORKERS=0 runs
+# in this process (for -x or a debugger).
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+# One OpenMP thread in every process the tests start (the command, DDP/FSDP ranks, examples), set before
+# torch starts its pool. The models are tiny, and on a 2-core machine running two test workers a second
+# thread only waits: OpenMP splits each matmul evenly, so a thread sharing its core finishes last and
+# the whole process runs at that pace (a SmolLM2 command test took 540 s that way, 90 s alone).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 
