@@ -92,7 +92,7 @@ class QLoRAPrecision(Precision):
             compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device, self.config.backend)
         replace_linear_layers(
             module,
-            self._config_for(module),
+            self.storage_config(module),
             compute_dtype=compute_dtype,
             device=device,
             quantize_now=device is not None,
@@ -134,8 +134,12 @@ class QLoRAPrecision(Precision):
             cpu_caching_allocator.uninstall()
         super().teardown()
 
-    def _config_for(self, module: nn.Module) -> QuantizationConfig:
-        """The config to convert with: with `keep_sensitive`, the measured layers added to `exclude`."""
+    def storage_config(self, module: nn.Module) -> QuantizationConfig:
+        """The config `module` is stored with: with `keep_sensitive`, the layers kept added to `exclude`.
+
+        The first call measures (on `module` in full precision); later ones reuse that measurement. The
+        LoRA callback calls it before LoftQ quantizes the adapted layers, so LoftQ leaves the kept ones be.
+        """
         if self.config.keep_sensitive == 0:
             return self.config
         if self.sensitivity is None:  # measured once: a later stage's setup must not re-measure a 4-bit model
