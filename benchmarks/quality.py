@@ -720,19 +720,18 @@ def quiet_libraries() -> None:
 
 
 def run_order(keys: Sequence[str]) -> list[str]:
-    """The reference first, so a run stopped part way has every finished configuration's paired figures."""
-    return sorted(keys, key=lambda k: k != REFERENCE)
+    """The reference first, so a run stopped part way has every finished configuration's paired figures;
+    the others in the order given on the command line."""
+    return sorted(dict.fromkeys(keys), key=lambda k: k != REFERENCE)
 
 
-def run_all(
-    args: argparse.Namespace, keys: Sequence[str], done: Callable[[list[dict[str, Any]]], None]
-) -> list[dict[str, Any]]:
+def run_all(args: argparse.Namespace, done: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
     """Every configuration for every seed, in order; prints one line per run and hands the runs so far to
     `done` after each (the results are written as they come)."""
     ref_features = reference_features(args)
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
-        for key in run_order(keys):
+        for key in run_order(args.configs):
             print(f"[quality] seed {seed}: {SPECS[key].label} ...", flush=True)
             result = run_one(SPECS[key], args, seed, ref_features)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in result["final"].items() if k != "step")
@@ -771,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_all(args.out, result_name(args.task), payload, started)
 
-    run_all(args, keys, write)
+    run_all(args, write)
     return 0
 
 

@@ -36,8 +36,8 @@ def first_training_batch(module: nn.Module) -> Any:
     to `fit(train_dataloaders=...)` are out of that API's reach until training starts, after quantization,
     so that case is refused with the fix (a calibration batch, or a datamodule).
     """
-    trainer = _attached_trainer(module)
-    if trainer is None:
+    trainer = _attached_trainer(module) if isinstance(module, pl.LightningModule) else None
+    if trainer is None or not isinstance(module, pl.LightningModule):
         raise CalibrationError(
             "keep_sensitive measures layers on a calibration batch: set QLoRAPrecision.calibration_batch, "
             "or fit with a Trainer whose training data gives the first batch."
@@ -52,9 +52,7 @@ def first_training_batch(module: nn.Module) -> Any:
         restore_rng_state(state)
 
 
-def _attached_trainer(module: nn.Module) -> pl.Trainer | None:
-    if not isinstance(module, pl.LightningModule):
-        return None
+def _attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
     try:
         return module.trainer
     except RuntimeError:  # "... is not attached to a `Trainer`"
