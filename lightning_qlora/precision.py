@@ -184,16 +184,19 @@ def measure_for_keep_sensitive(
     module: nn.Module, config: QuantizationConfig, batch: Any = None
 ) -> SensitivityChoice:
     """Measure each layer `config` would quantize on `batch` (default: the first training batch)."""
+    from lightning_qlora.lora.adapter import adapter_params
     from lightning_qlora.quantization.calibration import first_training_batch, training_step_loss
     from lightning_qlora.quantization.convert import quantization_targets
     from lightning_qlora.quantization.sensitivity import choose_sensitive_layers
 
     targets = quantization_targets(module, replace(config, keep_sensitive=0.0))
+    adapters = list(adapter_params(module).values())  # the budget is a share of the model, not of them
     if not targets:
-        return choose_sensitive_layers(module, [], config, lambda: 0.0)
+        return choose_sensitive_layers(module, [], config, lambda: 0.0, not_counted=adapters)
     device = targets[0][1].weight.device
     batch = first_training_batch(module) if batch is None else batch
-    return choose_sensitive_layers(module, targets, config, training_step_loss(module, batch, device))
+    loss = training_step_loss(module, batch, device)
+    return choose_sensitive_layers(module, targets, config, loss, not_counted=adapters)
 
 
 def _accelerator_device(module: nn.Module) -> torch.device | None:

@@ -19,7 +19,7 @@ per target, and one per candidate tried within the budget; no backward pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -207,15 +207,18 @@ def choose_sensitive_layers(
     context: Context = "four_bit",
     verify: bool = True,
     measured: Sequence[LayerSensitivity] | None = None,
+    not_counted: Collection[nn.Parameter] = (),
 ) -> SensitivityChoice:
     """Measure every target and keep the most sensitive within `config.keep_sensitive` of the 4-bit bytes.
 
     `loss` computes the calibration loss of `model` as it is; it is called under `no_grad` with the model
     in eval mode (dropout off), and the model is left as it was. With `verify`, a candidate is kept only if
     the loss with it (and those kept before) in full precision is lower than without. `measured` (from an
-    earlier choice on the same model and batch) skips the per-layer measurement.
+    earlier choice on the same model and batch) skips the per-layer measurement. `not_counted` parameters
+    (LoRA adapters) are no part of the model whose bytes the budget is a fraction of.
     """
     target_ids = {id(p) for _, layer in targets for p in layer.parameters()}
+    target_ids |= {id(p) for p in not_counted}
     others = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in target_ids)
     with torch.no_grad(), _eval_mode(model):
         base = float(loss())

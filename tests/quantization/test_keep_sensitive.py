@@ -52,6 +52,10 @@ class TinyLM(pl.LightningModule):
         self.step_loss.add(loss, ids.numel())
         return loss
 
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids).loss
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
@@ -73,6 +77,8 @@ def trainer_with(plugin: QLoRAPrecision, init: str = "default") -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         max_steps=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
         plugins=[plugin],
         callbacks=[LoRA(r=4, alpha=8, dropout=0.0, init=init)],
         logger=False,
