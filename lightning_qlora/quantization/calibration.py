@@ -62,7 +62,7 @@ def _attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
 def _training_data(trainer: pl.Trainer, module: pl.LightningModule) -> Any:
     """What defines the training data: the trainer's datamodule (from `fit`/`validate(datamodule=...)`),
     else the module's own `train_dataloader` hook."""
-    datamodule = trainer.datamodule
+    datamodule = getattr(trainer, "datamodule", None)  # documented, but set outside Trainer.__init__
     if datamodule is not None and is_overridden("train_dataloader", datamodule, pl.LightningDataModule):
         return datamodule
     if is_overridden("train_dataloader", module, pl.LightningModule):
