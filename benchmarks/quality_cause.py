@@ -281,6 +281,7 @@ KEEP_METHODS = {
     "checked": ("four_bit", True, "kept alone, checked (package)"),
     "kept_alone": ("four_bit", False, "kept alone"),
     "alone_in_4bit": ("full_precision", False, "alone in 4-bit (earlier)"),
+    "alone_in_4bit_checked": ("full_precision", True, "alone in 4-bit, checked"),
 }
 
 
