@@ -4,13 +4,13 @@ byte budget.
 Why: on a small pretrained decoder a few linear layers carry most of the loss that 4-bit storage adds (see
 docs/quality.md), so keeping those few in full precision buys back more quality per byte than any format
 change. The effect of a layer is measured on the loss itself, not on a weight or output error (which
-ranked layers badly there), and in the model as it will run: every target in 4-bit, then that one layer
-put back in full precision; its effect is the loss drop. Measured the other way round (the layer alone in
-4-bit, the rest full precision) the effects did not add up on SmolLM2: some layers' rounding partly
-cancels others', so keeping more of the individually harmful ones can make the model worse. For the same
-reason the choice is checked as it is made: layers are taken by effect per extra byte, greedily, and each
-is kept only if the calibration loss with it and the ones kept before it drops. Ties are broken by name,
-so the choice is deterministic for a given batch.
+ranked layers badly there): the loss rise with that layer alone in 4-bit. The effects do not add up on
+SmolLM2 (some layers' rounding partly cancels others'), so keeping more of the individually harmful ones
+can make the model worse; the choice is therefore checked as it is made: layers are taken by effect per
+extra byte, greedily, and each is kept only if the calibration loss of the 4-bit model with it and those
+kept before it in full precision drops. Ties are broken by name, so the choice is deterministic for a given
+batch. (Measuring each layer kept alone in the 4-bit model instead, `context="four_bit"`, ranked worse
+there: benchmarks/results/quality_cause_keep*.md.)
 
 Cost: 4-bit copies of the targets (about an eighth of their fp32 bytes) beside the model, one forward pass
 per target, and one per candidate tried within the budget; no backward pass.
@@ -32,15 +32,15 @@ from lightning_qlora.quantization.config import QuantizationConfig
 from lightning_qlora.quantization.layers import quantize_layer, storage_bytes, to_linear4bit
 
 LossFunction = Callable[[], torch.Tensor | float]
-# "four_bit": the loss drop when the layer alone is kept in full precision, every other target in 4-bit
-# (what the package uses); "full_precision": the loss rise when the layer alone is in 4-bit (kept for
-# comparison in benchmarks/quality_cause.py).
+# "full_precision" (what the package uses): the loss rise when the layer alone is in 4-bit; "four_bit": the
+# loss drop when the layer alone is kept in full precision, every other target in 4-bit (compared in
+# benchmarks/quality_cause.py).
 Context = Literal["four_bit", "full_precision"]
 
 
 @dataclass(frozen=True)
 class LayerSensitivity:
-    """One linear layer: how much keeping it in full precision lowers the calibration loss, and its cost."""
+    """One linear layer: its measured effect on the calibration loss (> 0: 4-bit hurts), and its cost."""
 
     name: str  # as patterns see it: without adapter wrappers' `base_layer`
     effect: float
@@ -95,7 +95,7 @@ class SensitivityChoice:
             lines.append("  none (no layer lowered the calibration loss, or none fits the budget)")
         for layer in self.kept:
             name, extra = logical_name(layer.name), _mib(layer.extra_bytes)
-            lines.append(f"  {name}: loss -{layer.effect:.4f} when kept, +{extra}")
+            lines.append(f"  {name}: effect on the loss {layer.effect:+.4f}, +{extra}")
         return "\n".join(lines)
 
     def summary(self) -> dict[str, object]:
@@ -204,7 +204,7 @@ def choose_sensitive_layers(
     config: QuantizationConfig,
     loss: LossFunction,
     *,
-    context: Context = "four_bit",
+    context: Context = "full_precision",
     verify: bool = True,
     measured: Sequence[LayerSensitivity] | None = None,
     not_counted: Collection[nn.Parameter] = (),

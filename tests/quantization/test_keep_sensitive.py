@@ -124,11 +124,11 @@ def test_kept_layers_fit_the_budget_and_stay_plain_linears_with_adapters(
     # every kept layer lowered the loss when measured, and together they lower it below the all-4-bit loss
     assert all(layer.effect > 0 for layer in choice.kept)
     assert choice.kept_loss < choice.four_bit_loss
-    # the first candidate (most effect per extra byte that fits) is always tried, so it is kept unless
-    # keeping it alone does not lower the loss (what its measured effect says it does)
+    # kept layers are candidates that fit; unchecked, the most effect per extra byte that fits comes first
     fits = [m for m in choice.measured if m.effect > 0 and m.extra_bytes <= choice.budget_bytes]
+    assert set(choice.kept) <= set(fits)
     first = min(fits, key=lambda m: (-m.effect / m.extra_bytes, m.name))
-    assert first in choice.kept and first in choose_kept(choice.measured, choice.budget_bytes)
+    assert first in choose_kept(choice.measured, choice.budget_bytes)
 
 
 def test_report_names_the_kept_layers_with_effect_and_bytes(fitted: tuple[TinyLM, QLoRAPrecision]) -> None:
@@ -138,7 +138,7 @@ def test_report_names_the_kept_layers_with_effect_and_bytes(fitted: tuple[TinyLM
     assert "kept by sensitivity" in table
     for layer in plugin.sensitivity.kept:
         assert logical_name(layer.name) in table
-        assert f"loss -{layer.effect:.4f} when kept" in table
+        assert f"effect on the loss {layer.effect:+.4f}" in table
     row = plugin.report.as_dict()
     assert row["keep_sensitive"] == FRACTION
     assert row["sensitive_extra_bytes"] == plugin.sensitivity.extra_bytes
@@ -155,7 +155,7 @@ def loss_with(module: TinyLM, batch: Any, kept: Sequence[str]) -> float:
         return float(training_step_loss(copied, batch, torch.device("cpu"))())
 
 
-def test_effect_is_the_loss_drop_from_keeping_that_layer_alone_and_kept_loss_is_measured() -> None:
+def test_effect_is_the_loss_rise_with_that_layer_alone_in_4bit_and_kept_loss_is_measured() -> None:
     module = TinyLM()
     batch = next(iter(token_loader()))
     config = QuantizationConfig(compute_dtype="float32", keep_sensitive=0.1)
@@ -164,14 +164,14 @@ def test_effect_is_the_loss_drop_from_keeping_that_layer_alone_and_kept_loss_is_
     choice = choose_sensitive_layers(module, targets, config, loss)
     assert choice.four_bit_loss == pytest.approx(loss_with(module, batch, []), abs=1e-5)
     top = max(choice.measured, key=lambda m: m.effect)
-    drop = choice.four_bit_loss - loss_with(module, batch, [top.name])
-    assert drop == pytest.approx(top.effect, abs=1e-5)
+    rise = loss_with(module, batch, [n for n, _ in targets if n != top.name]) - choice.base_loss
+    assert top.effect == pytest.approx(rise, abs=1e-5)
     assert choice.kept, "0.1 of the tiny model fits a layer that lowers the loss"
     assert choice.kept_loss == pytest.approx(loss_with(module, batch, choice.kept_names), abs=1e-5)
-    # the other measure (the layer alone in 4-bit) is the loss rise over full precision
-    alone = choose_sensitive_layers(module, targets, config, loss, context="full_precision")
-    rise = loss_with(module, batch, [n for n, _ in targets if n != top.name]) - alone.base_loss
-    assert next(m for m in alone.measured if m.name == top.name).effect == pytest.approx(rise, abs=1e-5)
+    # the other measure: the loss drop when the layer alone is kept, every other one in 4-bit
+    kept_alone = choose_sensitive_layers(module, targets, config, loss, context="four_bit")
+    drop = kept_alone.four_bit_loss - loss_with(module, batch, [top.name])
+    assert next(m for m in kept_alone.measured if m.name == top.name).effect == pytest.approx(drop, abs=1e-5)
 
 
 def test_measurement_is_deterministic_and_leaves_the_model_as_it_was() -> None:
