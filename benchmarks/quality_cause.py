@@ -274,14 +274,13 @@ def cause_part(args: Any, model: nn.Module, layers: dict[str, nn.Linear], names:
         run("all but one group", f"layers {g[0]}-{g[-1]}", [n for n in names if layer_index(n) not in g], q)
 
 
-# How keep_sensitive ranks layers: the package's way (the loss drop when a layer alone is kept in full
-# precision with every other layer in 4-bit, each addition checked on the calibration loss), and the two
-# simpler ways it replaced, for comparison.
+# How keep_sensitive chooses layers: the package's way (each layer's loss rise alone in 4-bit, each addition
+# checked on the 4-bit model's calibration loss), and the other ways compared with it.
 KEEP_METHODS = {
-    "checked": ("four_bit", True, "kept alone, checked (package)"),
+    "alone_in_4bit_checked": ("full_precision", True, "alone in 4-bit, checked (package)"),
+    "alone_in_4bit": ("full_precision", False, "alone in 4-bit (first version)"),
+    "kept_alone_checked": ("four_bit", True, "kept alone, checked"),
     "kept_alone": ("four_bit", False, "kept alone"),
-    "alone_in_4bit": ("full_precision", False, "alone in 4-bit (earlier)"),
-    "alone_in_4bit_checked": ("full_precision", True, "alone in 4-bit, checked"),
 }
 
 
