@@ -65,6 +65,7 @@ class RunSpec:
     init: str = "default"
     loftq_iter: int = 1
     keep_sensitive: float = 0.0
+    base_dtype: str | None = None  # "bfloat16": the unquantized base's weights rounded to bf16 (fp32 compute)
 
 
 SPECS: dict[str, RunSpec] = {
@@ -74,18 +75,28 @@ SPECS: dict[str, RunSpec] = {
         RunSpec("nf4", "QLoRA NF4", "nf4", False),
         RunSpec("fp4", "QLoRA FP4 + DQ", "fp4", True),
         RunSpec("lora32", "LoRA, fp32 base", None),
+        RunSpec("lora_bf16", "LoRA, bf16 base", None, base_dtype="bfloat16"),
         RunSpec("qdora", "QDoRA NF4 + DQ", "nf4", True, use_dora=True),
         RunSpec("loftq", "QLoRA NF4 + DQ, LoftQ init (4 rounds)", "nf4", True, init="loftq", loftq_iter=4),
         RunSpec("nf4_dq_keep5", "QLoRA NF4 + DQ, keep sensitive (+5%)", "nf4", keep_sensitive=0.05),
         RunSpec("nf4_dq_keep10", "QLoRA NF4 + DQ, keep sensitive (+10%)", "nf4", keep_sensitive=0.10),
+        RunSpec(
+            "loftq_keep5",
+            "QLoRA NF4 + DQ, LoftQ (4 rounds) + keep (+5%)",
+            "nf4",
+            init="loftq",
+            loftq_iter=4,
+            keep_sensitive=0.05,
+        ),
         RunSpec("untuned", "untuned (fp32)", None, train=False),
     )
 }
 COLORS = {"nf4_dq": "tab:blue", "nf4": "tab:cyan", "fp4": "tab:red", "lora32": "black", "untuned": "gray",
           "qdora": "tab:green", "loftq": "tab:purple", "nf4_dq_keep5": "tab:orange",
-          "nf4_dq_keep10": "tab:brown"}  # fmt: skip
+          "nf4_dq_keep10": "tab:brown", "lora_bf16": "dimgray", "loftq_keep5": "magenta"}  # fmt: skip
 LINESTYLES = {"nf4_dq": "-", "nf4": "--", "fp4": "-", "lora32": "-", "untuned": ":",
-              "qdora": "-.", "loftq": "--", "nf4_dq_keep5": "-", "nf4_dq_keep10": "--"}  # fmt: skip
+              "qdora": "-.", "loftq": "--", "nf4_dq_keep5": "-", "nf4_dq_keep10": "--", "lora_bf16": "--",
+              "loftq_keep5": ":"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -268,6 +279,8 @@ def run_one(
     """Train (or only validate) one configuration from a fresh seed; returns its curve and final metrics."""
     pl.seed_everything(seed, workers=True, verbose=False)
     module, datamodule, modules_to_save = TASKS[args.task].build(seed, args.batch_size)
+    if spec.base_dtype is not None:
+        round_weights(module, getattr(torch, spec.base_dtype))
     plugins = []
     precision = None
     if spec.quant_type is not None:
@@ -278,6 +291,8 @@ def run_one(
             keep_sensitive=spec.keep_sensitive,
             log_report=False,
         )
+        if spec.keep_sensitive:
+            prepare_calibration(precision, module, datamodule, args, seed)
         plugins.append(precision)
     curve = ValidationCurve()
     callbacks = [curve]
@@ -353,13 +368,62 @@ def run_one(
         "compute_dtype": str(precision.compute_dtype).removeprefix("torch.") if precision else "float32",
         "quantization": precision.report.as_dict() if precision is not None and precision.report else None,
         "sensitivity": precision.sensitivity.as_dict() if precision and precision.sensitivity else None,
+        "calib_examples": args.calib_examples if spec.keep_sensitive else None,
         "base_feature_error": features,
         "fit_s": fit_s,
         "wall_s": time.perf_counter() - start,
     }
+    if precision is not None and precision.sensitivity is not None:
+        _MEASURED.setdefault((seed, args.calib_examples), precision.sensitivity.measured)
     del trainer, module, datamodule
     gc.collect()
     return result
+
+
+@torch.no_grad()
+def round_weights(module: Any, dtype: torch.dtype) -> None:
+    """Store every floating weight as `dtype` would (rounded), computing in fp32 as before.
+
+    A 16-bit base's quality is a matter of its stored values; bf16 matmuls on a CPU without native bf16
+    would only be slower, not different in what they learn.
+    """
+    for param in module.parameters():
+        if param.is_floating_point():
+            param.copy_(param.to(dtype).to(param.dtype))
+
+
+# keep_sensitive's per-layer measurements, per (seed, calibration examples): the +5% and +10% runs of a
+# seed measure the same model on the same batch, so the second reuses the first's (choosing again within
+# its own budget, with its own checks).
+_MEASURED: dict[tuple[int, int], Any] = {}
+
+
+def prepare_calibration(
+    precision: Any, module: Any, datamodule: Any, args: argparse.Namespace, seed: int
+) -> None:
+    """Give keep_sensitive the first `--calib-examples` examples of the seed's first training batch (all
+    of it with 0), and reuse this seed's measurement when there is one."""
+    from lightning_qlora._rng import capture_rng_state, restore_rng_state
+    from lightning_qlora.quantization.calibration import training_step_loss
+    from lightning_qlora.quantization.convert import quantization_targets
+    from lightning_qlora.quantization.sensitivity import choose_sensitive_layers
+
+    state = capture_rng_state()
+    try:
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+    finally:
+        restore_rng_state(state)
+    if args.calib_examples:
+        batch = {k: v[: args.calib_examples] for k, v in batch.items()}
+    precision.calibration_batch = batch
+    key = (seed, args.calib_examples)
+    if key in _MEASURED:
+        targets = quantization_targets(module, precision.config)
+        loss = training_step_loss(module, batch, torch.device("cpu"))
+        precision.sensitivity = choose_sensitive_layers(
+            module, targets, precision.config, loss, measured=_MEASURED[key]
+        )
 
 
 def paired_bootstrap(
@@ -386,13 +450,24 @@ def summarize(runs: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str,
     ref_runs = {r["seed"]: r for r in runs if r["config"] == REFERENCE}
     for key in keys:
         mine = [r for r in runs if r["config"] == key]
+        if not mine:  # not run (yet): a partial run's table has the rows it has
+            continue
         row: dict[str, Any] = {"config": key, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine]}
+        row["untrained_loss"] = _mean_std([r["curve"][0]["loss"] for r in mine])[0]
+        shares = [
+            r["sensitivity"]["extra_bytes"] / r["sensitivity"]["four_bit_model_bytes"]
+            for r in mine
+            if r.get("sensitivity")
+        ]
+        if shares:
+            row["extra_bytes_share"] = _mean_std(shares)[0]
         for metric in ("loss", "acc", "f1", "ppl", "exact_match"):
             values = [r["final"][metric] for r in mine if metric in r["final"]]
             if values:
                 row[f"final_{metric}"], row[f"final_{metric}_std"] = _mean_std(values)
         row["best_loss"], row["best_loss_std"] = _mean_std([r["best_loss"] for r in mine])
-        if ref_runs:
+        mine = [r for r in mine if r["seed"] in ref_runs] if ref_runs else mine  # paired seeds only
+        if ref_runs and mine:
             ratios = [r["final"]["loss"] / ref_runs[r["seed"]]["final"]["loss"] for r in mine]
             row["loss_vs_lora32"] = _mean_std(ratios)[0]
             row["best_loss_vs_lora32"] = _mean_std(
@@ -440,6 +515,7 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
     for r in rows:
         line: dict[str, Any] = {
             "config": r["label"],
+            "untrained val loss": r.get("untrained_loss"),
             "final val loss": with_std(r, "final_loss", ".4f"),
             "best val loss": with_std(r, "best_loss", ".4f"),
         }
@@ -450,6 +526,9 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
             line["ppl"] = with_std(r, "final_ppl", ".2f")
             if "final_exact_match" in r:
                 line["exact match"] = with_std(r, "final_exact_match", ".4f")
+        if any("extra_bytes_share" in row for row in rows):
+            share = r.get("extra_bytes_share")
+            line["extra bytes"] = f"+{share:.1%}" if share is not None else ""
         line["loss / LoRA"] = r.get("loss_vs_lora32")
         line["best loss / LoRA"] = r.get("best_loss_vs_lora32")
         line["Δ loss vs LoRA [95% CI]"] = interval(r, "loss_diff_vs_lora32", ".4f")
@@ -461,6 +540,7 @@ def build_table(rows: list[dict[str, Any]], task: str) -> str:
             line["base feature err."] = r.get("feature_rel_error")
         table.append(line)
     formats = {
+        "untrained val loss": ".4f",
         "final val loss": ".4f",
         "best val loss": ".4f",
         "acc": ".4f",
@@ -579,6 +659,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dtype of the 4-bit matmuls: float32 (default, exact on any CPU), bfloat16, float16, auto",
     )
     parser.add_argument("--accelerator", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--calib-examples",
+        type=int,
+        default=0,
+        help="keep_sensitive's calibration batch: the first N examples of the seed's first training batch "
+        "(0, the default: all of it, as the package takes it)",
+    )
     parser.add_argument("--replot", action="store_true", help="only redo table and figure from <out>/*.json")
     args = parser.parse_args(argv)
     for key, value in TASKS[args.task].defaults.items():
@@ -632,17 +719,25 @@ def quiet_libraries() -> None:
         logging.getLogger(logger_name).setLevel(logging.WARNING)
 
 
-def run_all(args: argparse.Namespace, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Every configuration for every seed, in order; prints one line per run."""
+def run_order(keys: Sequence[str]) -> list[str]:
+    """The reference first, so a run stopped part way has every finished configuration's paired figures;
+    the others in the order given on the command line."""
+    return sorted(dict.fromkeys(keys), key=lambda k: k != REFERENCE)
+
+
+def run_all(args: argparse.Namespace, done: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """Every configuration for every seed, in order; prints one line per run and hands the runs so far to
+    `done` after each (the results are written as they come)."""
     ref_features = reference_features(args)
-    runs = []
+    runs: list[dict[str, Any]] = []
     for seed in args.seeds:
-        for key in keys:
+        for key in run_order(args.configs):
             print(f"[quality] seed {seed}: {SPECS[key].label} ...", flush=True)
             result = run_one(SPECS[key], args, seed, ref_features)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in result["final"].items() if k != "step")
             print(f"[quality]   step {result['steps']}: {shown}  ({result['wall_s']:.0f} s)", flush=True)
             runs.append(result)
+            done(runs)
     return runs
 
 
@@ -655,24 +750,27 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     quiet_libraries()
     keys = [k for k in SPECS if k in args.configs]
-    runs = run_all(args, keys)
     settings = {
         k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)
         for k, v in vars(args).items()
         if k not in ("out", "replot")
     }
-    payload = {
-        "benchmark": result_name(args.task),
-        "what": "validation metrics of LoRA fine-tuning over 4-bit (NF4/FP4, ±DQ) and fp32 bases",
-        "task": args.task,
-        "model": TASKS[args.task].model,
-        "reference": REFERENCE,
-        "settings": settings,
-        "machine": machine_info(),
-        "summary": summarize(runs, keys),
-        "runs": runs,
-    }
-    write_all(args.out, result_name(args.task), payload, started)
+
+    def write(runs: list[dict[str, Any]]) -> None:
+        payload = {
+            "benchmark": result_name(args.task),
+            "what": "validation metrics of LoRA fine-tuning over 4-bit (NF4/FP4, ±DQ) and fp32 bases",
+            "task": args.task,
+            "model": TASKS[args.task].model,
+            "reference": REFERENCE,
+            "settings": settings,
+            "machine": machine_info(),
+            "summary": summarize(runs, keys),
+            "runs": runs,
+        }
+        write_all(args.out, result_name(args.task), payload, started)
+
+    run_all(args, write)
     return 0
 
 

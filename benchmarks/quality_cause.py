@@ -169,6 +169,11 @@ def table_of(payload: dict[str, Any]) -> str:
             ["layer", "abs_output_error", "rel_output_error", "input_rms"],
             {"abs_output_error": ".4f", "rel_output_error": ".4f", "input_rms": ".4f"},
         )
+    for key, choice in (payload.get("choices") or {}).items():
+        table += (
+            f"\n\n{key}: calibration loss {choice['base_loss']:.4f} fp32, {choice['four_bit_loss']:.4f} "
+            f"4-bit, {choice['kept_loss']:.4f} kept ({choice['seconds']:.0f} s)"
+        )
     for fraction, kept in (payload.get("kept") or {}).items():
         table += f"\n\nkeep_sensitive={fraction}: " + ", ".join(
             f"{k['name']} (+{k['effect']:.4f}, {k['extra_bytes'] / 2**20:.2f} MiB)" for k in kept
@@ -189,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=1, help="decoder layers per index group")
     parser.add_argument("--skip-index", action="store_true", help="leave out the per-decoder-layer runs")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(KEEP_METHODS),
+        default=list(KEEP_METHODS),
+        help="keep part: how layers are ranked and chosen",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,25 +274,49 @@ def cause_part(args: Any, model: nn.Module, layers: dict[str, nn.Linear], names:
         run("all but one group", f"layers {g[0]}-{g[-1]}", [n for n in names if layer_index(n) not in g], q)
 
 
+# How keep_sensitive chooses layers: the package's way (each layer's loss rise alone in 4-bit, each addition
+# checked on the 4-bit model's calibration loss), and the other ways compared with it.
+KEEP_METHODS = {
+    "alone_in_4bit_checked": ("full_precision", True, "alone in 4-bit, checked (package)"),
+    "alone_in_4bit": ("full_precision", False, "alone in 4-bit (first version)"),
+    "kept_alone_checked": ("four_bit", True, "kept alone, checked"),
+    "kept_alone": ("four_bit", False, "kept alone"),
+}
+
+
 def keep_part(args: Any, model: nn.Module, layers: dict[str, nn.Linear], names: list[str],
               calib: dict[str, torch.Tensor], run: Any, payload: dict[str, Any], save: Any,
               q: dict[str, torch.Tensor]) -> None:  # fmt: skip
     """keep_sensitive's measurement (package code) on the first training batch, then each budget's loss."""
-    from lightning_qlora.quantization.sensitivity import choose_kept, choose_sensitive_layers
+    from lightning_qlora.quantization.sensitivity import choose_sensitive_layers
 
-    config = QuantizationConfig(keep_sensitive=args.fractions[0])
     targets = [(n, layers[n]) for n in names]
-    choice = choose_sensitive_layers(model, targets, config, lambda: val_loss(model, [calib]))
-    payload["sensitivity"] = choice.as_dict()
     payload["kept"] = {}
-    for fraction in args.fractions:
-        kept = choose_kept(choice.measured, int(fraction * choice.four_bit_model_bytes))
-        payload["kept"][str(fraction)] = [
-            {"name": k.name, "effect": k.effect, "extra_bytes": k.extra_bytes} for k in kept
-        ]
-        extra = sum(k.extra_bytes for k in kept) / choice.four_bit_model_bytes
-        chosen = {k.name for k in kept}
-        run("keep_sensitive", f"{fraction:g} (+{extra:.1%} bytes)", [n for n in names if n not in chosen], q)
+    payload["choices"] = {}
+    measured: dict[str, Any] = {}  # one measurement per context, reused across budgets and checks
+    for method in args.methods:
+        context, verify, label = KEEP_METHODS[method]
+        for fraction in args.fractions:
+            started = time.perf_counter()
+            choice = choose_sensitive_layers(
+                model, targets, QuantizationConfig(keep_sensitive=fraction),
+                lambda: val_loss(model, [calib]), context=context, verify=verify,
+                measured=measured.get(context),
+            )  # fmt: skip
+            measured[context] = choice.measured
+            key = f"{method} {fraction:g}"
+            payload["choices"][key] = {**choice.as_dict(), "seconds": time.perf_counter() - started}
+            payload["kept"][key] = [
+                {"name": k.name, "effect": k.effect, "extra_bytes": k.extra_bytes} for k in choice.kept
+            ]
+            extra = choice.extra_bytes / choice.four_bit_model_bytes
+            chosen = set(choice.kept_names)
+            run(
+                f"keep, {label}",
+                f"{fraction:g} (+{extra:.1%} bytes)",
+                [n for n in names if n not in chosen],
+                q,
+            )
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ class QLoRAPrecision(Precision):
             compute_dtype = resolve_compute_dtype(self.config.compute_dtype, device, self.config.backend)
         replace_linear_layers(
             module,
-            self._config_for(module),
+            self.storage_config(module),
             compute_dtype=compute_dtype,
             device=device,
             quantize_now=device is not None,
@@ -191,8 +191,12 @@ class QLoRAPrecision(Precision):
             cpu_caching_allocator.uninstall()
         super().teardown()
 
-    def _config_for(self, module: nn.Module) -> QuantizationConfig:
-        """The config to convert with: with `keep_sensitive`, the measured layers added to `exclude`."""
+    def storage_config(self, module: nn.Module) -> QuantizationConfig:
+        """The config `module` is stored with: with `keep_sensitive`, the layers kept added to `exclude`.
+
+        The first call measures (on `module` in full precision); later ones reuse that measurement. The
+        LoRA callback calls it before LoftQ quantizes the adapted layers, so LoftQ leaves the kept ones be.
+        """
         if self.config.keep_sensitive == 0:
             return self.config
         if self.sensitivity is None:  # measured once: a later stage's setup must not re-measure a 4-bit model
@@ -237,16 +241,19 @@ def measure_for_keep_sensitive(
     module: nn.Module, config: QuantizationConfig, batch: Any = None
 ) -> SensitivityChoice:
     """Measure each layer `config` would quantize on `batch` (default: the first training batch)."""
+    from lightning_qlora.lora.adapter import adapter_params
     from lightning_qlora.quantization.calibration import first_training_batch, training_step_loss
     from lightning_qlora.quantization.convert import quantization_targets
     from lightning_qlora.quantization.sensitivity import choose_sensitive_layers
 
     targets = quantization_targets(module, replace(config, keep_sensitive=0.0))
+    adapters = list(adapter_params(module).values())  # the budget is a share of the model, not of them
     if not targets:
-        return choose_sensitive_layers(module, [], config, lambda: 0.0)
+        return choose_sensitive_layers(module, [], config, lambda: 0.0, not_counted=adapters)
     device = targets[0][1].weight.device
     batch = first_training_batch(module) if batch is None else batch
-    return choose_sensitive_layers(module, targets, config, training_step_loss(module, batch, device))
+    loss = training_step_loss(module, batch, device)
+    return choose_sensitive_layers(module, targets, config, loss, not_counted=adapters)
 
 
 def _accelerator_device(module: nn.Module) -> torch.device | None:

@@ -25,11 +25,12 @@ from lightning_qlora._trainer_settings import check_trainer_settings
 from lightning_qlora.lora.adapter import adapter_modules, set_trainable_params
 from lightning_qlora.lora.config import LoRACallbackSettings, LoRAConfig
 from lightning_qlora.lora.guard import NonFiniteGuard, check_finite_state
-from lightning_qlora.lora.inject import check_patterns, inject_adapters, summarize
+from lightning_qlora.lora.inject import check_patterns, inject_adapters, mark_modules_to_save, summarize
 from lightning_qlora.lora.resume_checks import CHECKPOINT_KEY, base_fingerprint, check_resume, resume_record
 from lightning_qlora.precision import QLoRAPrecision
 from lightning_qlora.quantization.config import DEFAULT_EXCLUDE, QuantizationConfig
 from lightning_qlora.quantization.convert import NoLinearLayersError, iter_linear_layers
+from lightning_qlora.quantization.layers import KEEP_FULL_PRECISION_ATTR
 from lightning_qlora.resumable import warn_if_resume_is_not_exact
 from lightning_qlora.strategies.fsdp_state import whole_trainable_parameters
 from lightning_qlora.strategies.support import require_supported_strategy
@@ -97,6 +98,7 @@ class LoRA(Callback):
         self.guard = NonFiniteGuard(max_skipped_steps)
         self._base_fingerprint: str | None = None
         self.quantization: QuantizationConfig | None = None  # QLoRAPrecision's format, read at setup
+        self._precision: QLoRAPrecision | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -111,7 +113,8 @@ class LoRA(Callback):
                 )
         # LoftQ quantizes the base at injection, in the format the precision plugin would use after it.
         plugin = trainer.precision_plugin
-        self.quantization = plugin.config if isinstance(plugin, QLoRAPrecision) else None
+        self._precision = plugin if isinstance(plugin, QLoRAPrecision) else None
+        self.quantization = self._precision.config if self._precision is not None else None
         if is_overridden("configure_model", pl_module):
             self._inject_after_configure_model(pl_module)
         if any(True for _ in iter_linear_layers(pl_module)):
@@ -130,13 +133,29 @@ class LoRA(Callback):
     def inject(self, pl_module: nn.Module) -> list[str]:
         """Adapt `pl_module` now (idempotent): check patterns, wrap layers, freeze the rest, report."""
         check_patterns(pl_module, self.config, check_exclude=self._check_exclude)
-        new = inject_adapters(pl_module, self.config, self.quantization)
+        new = inject_adapters(pl_module, self.config, self._loftq_quantization(pl_module))
         set_trainable_params(pl_module)
         self._base_fingerprint = base_fingerprint(pl_module)  # before quantization, as on every resume
         if new:
             self.adapted.extend(new)
             rank_zero_info(summarize(pl_module).table())
         return new
+
+    def _loftq_quantization(self, pl_module: nn.Module) -> QuantizationConfig | None:
+        """The format LoftQ quantizes in: the plugin's, with the layers `keep_sensitive` keeps excluded.
+
+        `keep_sensitive` must measure the full-precision model before LoftQ turns the adapted layers into
+        4-bit ones, so with LoftQ it is measured here, at injection, rather than when the plugin converts.
+        """
+        if self.config.init != "loftq" or self._precision is None:
+            return self.quantization
+        unflagged = [m for m in pl_module.modules() if KEEP_FULL_PRECISION_ATTR not in vars(m)]
+        mark_modules_to_save(pl_module, self.config)  # measured as the plugin sees the model: heads left out
+        try:
+            return self._precision.storage_config(pl_module)
+        finally:  # inject_adapters flags them again (and unflags them if it refuses)
+            for module in unflagged:
+                vars(module).pop(KEEP_FULL_PRECISION_ATTR, None)
 
     def check_export_module(self, pl_module: nn.Module, built: bool = False) -> None:
         """Refuse an `export_module` that names no submodule now, not when fit ends and the work is done.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from lightning_qlora.quantization.calibration import (
 )
 from lightning_qlora.quantization.convert import quantization_targets
 from lightning_qlora.quantization.sensitivity import choose_kept, choose_sensitive_layers
+from lightning_qlora.tasks.token_loss import StepTokenMean
 
 FRACTION = 0.25
 
@@ -40,13 +42,19 @@ class TinyLM(pl.LightningModule):
         super().__init__()
         self.model = tiny_llama(seed=0)
         self.tokens_seen = 0
+        self.step_loss = StepTokenMean()  # the package's accumulator: what a step's gradients are scaled by
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         (ids,) = batch
         loss = self.model(input_ids=ids, labels=ids).loss
         self.log("train/loss", loss)
         self.tokens_seen += ids.numel()
+        self.step_loss.add(loss, ids.numel())
         return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
@@ -57,21 +65,34 @@ def token_loader(shuffle: bool = False) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=8, shuffle=shuffle)
 
 
-def fit(keep: float) -> tuple[TinyLM, QLoRAPrecision]:
-    torch.manual_seed(0)
-    module = TinyLM()
-    plugin = QLoRAPrecision(compute_dtype="float32", keep_sensitive=keep, log_report=False)
-    trainer = pl.Trainer(
+class TokenData(pl.LightningDataModule):
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return token_loader()
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return token_loader()
+
+
+def trainer_with(plugin: QLoRAPrecision, init: str = "default") -> pl.Trainer:
+    return pl.Trainer(
         accelerator="cpu",
         max_steps=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
         plugins=[plugin],
-        callbacks=[LoRA(r=4, alpha=8, dropout=0.0)],
+        callbacks=[LoRA(r=4, alpha=8, dropout=0.0, init=init)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, token_loader())
+
+
+def fit(keep: float) -> tuple[TinyLM, QLoRAPrecision]:
+    torch.manual_seed(0)
+    module = TinyLM()
+    plugin = QLoRAPrecision(compute_dtype="float32", keep_sensitive=keep, log_report=False)
+    trainer_with(plugin).fit(module, datamodule=TokenData())
     return module, plugin
 
 
@@ -100,8 +121,14 @@ def test_kept_layers_fit_the_budget_and_stay_plain_linears_with_adapters(
     assert plugin.report.total_bytes - all_4bit.report.total_bytes == choice.extra_bytes
     assert choice.extra_bytes <= FRACTION * all_4bit.report.total_bytes
     assert plugin.report.quantized_layers == all_4bit.report.quantized_layers - len(kept)
-    # what was kept is what would be kept again from the measurements: the most effect per byte that fits
-    assert choose_kept(choice.measured, choice.budget_bytes) == choice.kept
+    # every kept layer lowered the loss when measured, and together they lower it below the all-4-bit loss
+    assert all(layer.effect > 0 for layer in choice.kept)
+    assert choice.kept_loss < choice.four_bit_loss
+    # kept layers are candidates that fit; unchecked, the most effect per extra byte that fits comes first
+    fits = [m for m in choice.measured if m.effect > 0 and m.extra_bytes <= choice.budget_bytes]
+    assert set(choice.kept) <= set(fits)
+    first = min(fits, key=lambda m: (-m.effect / m.extra_bytes, m.name))
+    assert first in choose_kept(choice.measured, choice.budget_bytes)
 
 
 def test_report_names_the_kept_layers_with_effect_and_bytes(fitted: tuple[TinyLM, QLoRAPrecision]) -> None:
@@ -111,7 +138,7 @@ def test_report_names_the_kept_layers_with_effect_and_bytes(fitted: tuple[TinyLM
     assert "kept by sensitivity" in table
     for layer in plugin.sensitivity.kept:
         assert logical_name(layer.name) in table
-        assert f"+{layer.effect:.4f}" in table
+        assert f"effect on the loss {layer.effect:+.4f}" in table
     row = plugin.report.as_dict()
     assert row["keep_sensitive"] == FRACTION
     assert row["sensitive_extra_bytes"] == plugin.sensitivity.extra_bytes
@@ -120,22 +147,31 @@ def test_report_names_the_kept_layers_with_effect_and_bytes(fitted: tuple[TinyLM
     )
 
 
-def test_effect_is_the_loss_rise_with_that_layer_alone_in_4bit() -> None:
+def loss_with(module: TinyLM, batch: Any, kept: Sequence[str]) -> float:
+    """The training loss of a copy of `module` stored in 4-bit but for `kept` (and the LM head)."""
+    copied = copy.deepcopy(module)
+    replace_linear_layers(copied, QuantizationConfig(exclude=("lm_head", *kept)), compute_dtype=torch.float32)
+    with torch.no_grad():
+        return float(training_step_loss(copied, batch, torch.device("cpu"))())
+
+
+def test_effect_is_the_loss_rise_with_that_layer_alone_in_4bit_and_kept_loss_is_measured() -> None:
     module = TinyLM()
     batch = next(iter(token_loader()))
     config = QuantizationConfig(compute_dtype="float32", keep_sensitive=0.1)
     targets = quantization_targets(module, QuantizationConfig())
     loss = training_step_loss(module, batch, torch.device("cpu"))
     choice = choose_sensitive_layers(module, targets, config, loss)
-    name = max(choice.measured, key=lambda m: m.effect).name
-    alone = copy.deepcopy(module)
-    others = [n for n, _ in targets if n != name]
-    replace_linear_layers(
-        alone, QuantizationConfig(exclude=("lm_head", *others)), compute_dtype=torch.float32
-    )
-    with torch.no_grad():
-        rise = float(training_step_loss(alone, batch, torch.device("cpu"))()) - choice.base_loss
-    assert rise == pytest.approx(max(m.effect for m in choice.measured), abs=1e-5)
+    assert choice.four_bit_loss == pytest.approx(loss_with(module, batch, []), abs=1e-5)
+    top = max(choice.measured, key=lambda m: m.effect)
+    rise = loss_with(module, batch, [n for n, _ in targets if n != top.name]) - choice.base_loss
+    assert top.effect == pytest.approx(rise, abs=1e-5)
+    assert choice.kept, "0.1 of the tiny model fits a layer that lowers the loss"
+    assert choice.kept_loss == pytest.approx(loss_with(module, batch, choice.kept_names), abs=1e-5)
+    # the other measure: the loss drop when the layer alone is kept, every other one in 4-bit
+    kept_alone = choose_sensitive_layers(module, targets, config, loss, context="four_bit")
+    drop = kept_alone.four_bit_loss - loss_with(module, batch, [top.name])
+    assert next(m for m in kept_alone.measured if m.name == top.name).effect == pytest.approx(drop, abs=1e-5)
 
 
 def test_measurement_is_deterministic_and_leaves_the_model_as_it_was() -> None:
@@ -154,7 +190,8 @@ def test_measurement_is_deterministic_and_leaves_the_model_as_it_was() -> None:
     assert runs[0] == runs[1]
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert module.training and all(m.training for m in module.modules())
-    assert module.tokens_seen == 0  # training_step's counter was put back
+    assert module.tokens_seen == 0  # training_step's counter was put back, and the step's accumulator
+    assert (module.step_loss.loss_sum, module.step_loss.tokens) == (0.0, 0)
 
 
 def test_first_training_batch_leaves_the_rng_alone() -> None:
@@ -166,6 +203,36 @@ def test_first_training_batch_leaves_the_rng_alone() -> None:
     first = first_training_batch(module)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first_training_batch(module)[0], first[0])
+
+
+def test_loaders_given_to_fit_are_refused_with_the_fix_before_quantizing() -> None:
+    module = TinyLM()
+    plugin = QLoRAPrecision(keep_sensitive=0.1, log_report=False)
+    with pytest.raises(CalibrationError, match=r"calibration_batch.*datamodule"):
+        trainer_with(plugin).fit(module, token_loader())
+    assert not any(is_linear4bit(m) for m in module.modules())
+    assert plugin.sensitivity is None
+
+
+def test_keep_sensitive_composes_with_loftq(fitted: tuple[TinyLM, QLoRAPrecision]) -> None:
+    """Measured on the full-precision model before LoftQ quantizes: the kept layers get plain adapters."""
+    torch.manual_seed(0)
+    module = TinyLM()
+    plugin = QLoRAPrecision(compute_dtype="float32", keep_sensitive=FRACTION, log_report=False)
+    trainer_with(plugin, init="loftq").validate(module, datamodule=TokenData(), verbose=False)
+    assert plugin.sensitivity is not None and plugin.sensitivity.kept
+    # the same measurement as without LoftQ (same model, same first batch): the same layers kept
+    assert fitted[1].sensitivity is not None
+    assert plugin.sensitivity.kept_names == fitted[1].sensitivity.kept_names
+    kept = set(plugin.sensitivity.kept_names)
+    for name, layer in module.named_modules():
+        if not isinstance(layer, LoRALinear) or name.endswith("lm_head"):
+            continue
+        if name in kept:  # full precision, LoRA's own start (B = 0)
+            assert type(layer.base_layer) is nn.Linear and not layer.lora_B.any(), name
+        else:  # quantized by LoftQ, B from the residual
+            assert is_linear4bit(layer.base_layer) and layer.lora_B.any(), name
+    assert plugin.report is not None and plugin.report.sensitivity is plugin.sensitivity
 
 
 def test_export_and_merge_work_with_kept_layers(
