@@ -138,6 +138,19 @@ def encode_instruction(
     return join_pair(*truncate_pair(prompt, response, max_length))
 
 
+def encode_text(text: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
+    """Plain text with labels on every token: BOS (if the tokenizer has one), the text, EOS.
+
+    The first token is never predicted (nothing comes before it), so it is the "prompt": validation
+    samples continue from it, and truncation keeps it and cuts the end.
+    """
+    bos, eos, _ = special_token_ids(tokenizer)
+    ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+    if bos is not None:
+        return join_pair([bos], ids)
+    return join_pair(ids[:1], ids[1:])
+
+
 def truncate_pair(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
     """Cut a (prompt, response) pair to ``max_length``: the response keeps at least a quarter of it and
     the prompt loses its start (see :func:`encode_instruction`)."""
@@ -333,6 +346,8 @@ class InstructionDataModule(JsonlDataModule):
         tokenizer, chat = self.tokenizer, self.chat_template
         if self.resolved_format == "messages":
             return encode_messages(record["messages"], tokenizer, where)
+        if self.resolved_format == "text":
+            return encode_text(record["text"], tokenizer)
         if self.resolved_format == "prompt_completion":
             prompt, response_text = prompt_ids(record["prompt"], tokenizer, chat), record["completion"]
         else:
@@ -704,11 +719,14 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split()).removesuffix(".").strip()
 
 
-_RESPONSE_FIELD = {"messages": "assistant turn", "prompt_completion": '"completion"', "alpaca": '"output"'}
+_RESPONSE_FIELD = {
+    "messages": "assistant turn", "prompt_completion": '"completion"', "alpaca": '"output"', "text": '"text"',
+}  # fmt: skip
+_RESPONSE_KEY = {"prompt_completion": "completion", "alpaca": "output", "text": "text"}
 
 
 def _response_text(record: Mapping[str, Any], fmt: str) -> str:
     """What the loss is computed on in a normalized record of format `fmt`."""
     if fmt == "messages":
         return "".join(m["content"] for m in record["messages"] if m["role"] == "assistant")
-    return str(record["completion" if fmt == "prompt_completion" else "output"])
+    return str(record[_RESPONSE_KEY[fmt]])
