@@ -14,6 +14,7 @@ stays replicated on the module; bitsandbytes re-wraps the gathered bytes around 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal, cast
@@ -195,7 +196,7 @@ class QLoRAFSDPStrategy(_PagedOptimizerMixin, ModelParallelStrategy):
         outside = [sub for sub in model.modules() if id(sub) not in inside]
         for sub in outside:
             _quantize_pending(sub, device, recurse=False)
-            sub._apply(lambda t: t.to(device), recurse=False)  # its own tensors only
+            _move_own_tensors(sub, device)
         leaves = _full_precision_leaves(model, layers)
         for leaf in leaves:
             fully_shard(leaf, **options)
@@ -300,6 +301,20 @@ def _quantize_pending(model: nn.Module, device: torch.device, recurse: bool = Tr
     for sub in model.modules() if recurse else [model]:
         if is_linear4bit(sub) and not is_quantized(sub):
             quantize_layer(sub, device)
+
+
+def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
+    """Move a module's own tensors (not its children's) to ``device``.
+
+    A torchmetrics ``Metric`` (a task's validation metrics) overrides ``_apply`` without ``recurse`` and
+    keeps its states outside ``_parameters``/``_buffers``; its own ``_apply`` moves them (and its children,
+    which are outside the sharded layers anyway).
+    """
+    move = module._apply
+    if "recurse" in inspect.signature(move).parameters:
+        move(lambda t: t.to(device), recurse=False)
+    else:
+        move(lambda t: t.to(device))
 
 
 def _check_storage(model: nn.Module, owner: str) -> None:

@@ -19,9 +19,11 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
 from torchmetrics import MeanMetric
 
+from lightning_qlora._logging import rank_zero_warn
 from lightning_qlora.losses import causal_lm_loss_sum, chunk_tokens_for
 from lightning_qlora.pretrained import resolve_model_path
 from lightning_qlora.resumable import EpochRandomSampler
+from lightning_qlora.strategies.support import SHARDS_4BIT_ATTR
 
 from .classification import (
     DATA_DIR,
@@ -539,13 +541,24 @@ class CausalLMInstructionModule(TokenCountingModule):
         """Greedy samples of each validation run by global step: {step: [{prompt, response, reference}]}."""
 
     def on_fit_start(self) -> None:
-        """Different tokenizers in data and model train on garbage ids without any error: refuse early."""
+        """Different tokenizers in data and model train on garbage ids without any error: refuse early.
+
+        Under a strategy that shards the model (``qlora_fsdp``) the loss is the plain one: the chunked
+        path calls the decoder directly, past the forward hooks of the FSDP2 root unit that gather the
+        decoder's final norm.
+        """
         data_tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         if data_tokenizer is not None and data_tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(
                 "The datamodule's tokenizer differs from the model's: pass the model folder as the "
                 "datamodule's tokenizer_path."
             )
+        if self.chunk_tokens is not None and getattr(self.trainer.strategy, SHARDS_4BIT_ATTR, False):
+            rank_zero_warn(
+                f"{type(self.trainer.strategy).__name__}: the loss is computed the plain way (full logits); "
+                "the chunked cross-entropy does not work with a sharded model yet."
+            )
+            self.chunk_tokens = None
 
     def _loss_chunk_tokens(self, chunked: bool, chunk_tokens: int | None) -> int | None:
         """Rows per loss chunk, or None for the plain path (off, or a model whose logits are transformed
