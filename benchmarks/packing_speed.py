@@ -22,6 +22,7 @@ Run: ``python -m benchmarks.packing_speed [--datasets skills alpaca] [--pairs 4]
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -165,16 +166,21 @@ def summarize(
     """One table row: the timed pairs of every run of ``dataset`` (the warm-up pair left out)."""
     timed = [s for r in runs if r.get("ok") for s in r["steps"] if s["pair"] > 0]
     rate: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu_rate: dict[str, list[float]] = {m: [] for m in MODES}
     slots: dict[str, list[int]] = {m: [] for m in MODES}
     for s in timed:
         rate[s["mode"]].append(s["real_tokens"] / s["wall_s"])
+        cpu_rate[s["mode"]].append(s["real_tokens"] / s["cpu_s"])
         slots[s["mode"]].append(s["slots"])
-    pairs: dict[tuple[int, int], dict[str, float]] = {}
+    pairs: dict[tuple[int, int], dict[str, tuple[float, float]]] = {}
     for run_index, r in enumerate(runs):
         for s in r.get("steps", []) if r.get("ok") else []:
             if s["pair"] > 0:
-                pairs.setdefault((run_index, s["pair"]), {})[s["mode"]] = s["real_tokens"] / s["wall_s"]
-    ratios = [p["packed"] / p["padded"] for p in pairs.values() if len(p) == 2]
+                speeds = (s["real_tokens"] / s["wall_s"], s["real_tokens"] / s["cpu_s"])
+                pairs.setdefault((run_index, s["pair"]), {})[s["mode"]] = speeds
+    both = [p for p in pairs.values() if len(p) == 2]
+    ratios = [p["packed"][0] / p["padded"][0] for p in both]
+    cpu_ratios = [p["packed"][1] / p["padded"][1] for p in both]
 
     def median_range(values: Sequence[float], digits: int = 0) -> str:
         if not values:
@@ -189,6 +195,9 @@ def summarize(
         "padded useful tok/s": median_range(rate["padded"]),
         "packed useful tok/s": median_range(rate["packed"]),
         "packed / padded": median_range(ratios, 2),
+        "padded useful tok / CPU s": median_range(cpu_rate["padded"]),
+        "packed useful tok / CPU s": median_range(cpu_rate["packed"]),
+        "packed / padded, CPU": median_range(cpu_ratios, 2),
         "slots / step padded": statistics.mean(slots["padded"]) if slots["padded"] else None,
         "slots / step packed": statistics.mean(slots["packed"]) if slots["packed"] else None,
         **{f"real share, {k}": v for k, v in efficiency.items()},
@@ -203,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes per dataset")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--name", default=NAME)
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table from <name>.json")
     add_worker_options(parser)
     args = parser.parse_args(argv)
     if args.worker:
@@ -212,26 +222,40 @@ def main(argv: list[str] | None = None) -> int:
     efficiency = {d: epoch_efficiency(d) for d in args.datasets}
     runs: dict[str, list[dict[str, Any]]] = {d: [] for d in args.datasets}
     table = ""
-    for round_index in range(args.repeats):
+    if args.table_only:
+        saved = json.loads((args.out / f"{args.name}.json").read_text())
+        runs = {d: saved["runs"][d] for d in args.datasets}
+        table = write_table(args, runs, efficiency, saved["machine"])
+    for round_index in range(0 if args.table_only else args.repeats):
         order = args.datasets if round_index % 2 == 0 else list(reversed(args.datasets))
         for dataset in order:
             print(f"{dataset}, round {round_index + 1} ...", flush=True)
             cmd = ["--worker", dataset, "--pairs", str(args.pairs), "--threads", str(args.threads or 0)]
             runs[dataset].append(run_worker(__spec__.name, cmd, args.timeout))
-            rows = [summarize(d, runs[d], efficiency[d]) for d in args.datasets if runs[d]]
-            info = machine_info()
-            table = (
-                "# Useful tokens per second, packed against padded (length-grouped) batches\n\n"
-                f"SmolLM2-135M-Instruct, QLoRA (NF4 + DQ, LoRA r=8), CPU, {args.threads} thread(s); the same "
-                "examples per step in both configurations; median [min, max] over the timed pairs; "
-                "real share: real tokens / token slots of the whole first epoch's training batches "
-                f"(deterministic). Load average at the end: {info.get('loadavg')} (a shared machine: "
-                "the times are noisy, the ratios of interleaved steps less so).\n\n"
-                + markdown_table(rows, list(rows[0]))
-            )
-            write_results(args.out, args.name, {"machine": info, "args": vars_of(args), "runs": runs}, table)
+            table = write_table(args, runs, efficiency, machine_info())
     report_written(args.out, args.name, table, time.perf_counter() - started)
     return 0
+
+
+def write_table(
+    args: argparse.Namespace,
+    runs: Mapping[str, list[dict[str, Any]]],
+    efficiency: Mapping[str, Mapping[str, float]],
+    info: Mapping[str, Any],
+) -> str:
+    """The table of the runs so far, written with the runs to ``<out>/<name>.{md,json}``."""
+    rows = [summarize(d, runs[d], efficiency[d]) for d in args.datasets if runs[d]]
+    table = (
+        "# Useful tokens per second, packed against padded (length-grouped) batches\n\n"
+        f"SmolLM2-135M-Instruct, QLoRA (NF4 + DQ, LoRA r=8), CPU, {args.threads} thread(s); the same "
+        "examples per step in both configurations; median [min, max] over the timed pairs, per wall "
+        "second and per CPU second of the (single-threaded) process; real share: real tokens / token "
+        "slots of the whole first epoch's training batches (deterministic). Load average at the end: "
+        f"{info.get('loadavg')}: a shared, loaded machine, so the wall-clock rates are noisy; the CPU-time "
+        "rates of one thread depend far less on the load.\n\n" + markdown_table(rows, list(rows[0]))
+    )
+    write_results(args.out, args.name, {"machine": info, "args": vars_of(args), "runs": runs}, table)
+    return table
 
 
 def vars_of(args: argparse.Namespace) -> dict[str, Any]:
