@@ -210,8 +210,9 @@ def run_lightning(config_name: str, model_dir: Path, args: argparse.Namespace, c
     summary["like_for_like"] = probe.verify(expect_dropout=config_name != "full")
 
 
-def peft_model(model_dir: Path, device: Any, compute_dtype: Any) -> Any:
-    """transformers loads in 4 bit, PEFT prepares, checkpoints and adapts: the reference stack's model."""
+def peft_model(model_dir: Path, device: Any, compute_dtype: Any, lora: Mapping[str, float] = LORA) -> Any:
+    """transformers loads in 4 bit, PEFT prepares, checkpoints and adapts: the reference stack's model
+    (``lora``: r, alpha, dropout; other benchmarks pass their own to compare like for like)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
@@ -233,9 +234,9 @@ def peft_model(model_dir: Path, device: Any, compute_dtype: Any) -> Any:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora_config = LoraConfig(
         target_modules="all-linear",
-        r=int(LORA["r"]),
-        lora_alpha=int(LORA["alpha"]),
-        lora_dropout=LORA["dropout"],
+        r=int(lora["r"]),
+        lora_alpha=int(lora["alpha"]),
+        lora_dropout=float(lora["dropout"]),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora_config).train()

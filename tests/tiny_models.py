@@ -73,7 +73,10 @@ def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 TINY_SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
-CAUSAL_LM_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma")
+CAUSAL_LM_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "smollm3")
+ARCHITECTURE_OVERRIDES: dict[str, dict[str, object]] = {
+    "smollm3": {"no_rope_layers": [1, 0]},  # its shape: some layers without rotary positions (NoPE)
+}
 
 
 def save_tiny_causal_lm(architecture: str, folder: str, tokenizer: object, seed: int = 0) -> str:
@@ -89,7 +92,10 @@ def save_tiny_causal_lm(architecture: str, folder: str, tokenizer: object, seed:
         "eos_token_id": tokenizer.eos_token_id,  # type: ignore[attr-defined]
     }
     heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
-    config = AutoConfig.for_model(architecture, **TINY_SIZES, **heads, **ids, tie_word_embeddings=False)
+    extra = ARCHITECTURE_OVERRIDES.get(architecture, {})
+    config = AutoConfig.for_model(
+        architecture, **TINY_SIZES, **heads, **ids, **extra, tie_word_embeddings=False
+    )
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]

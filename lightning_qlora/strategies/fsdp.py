@@ -14,6 +14,7 @@ stays replicated on the module; bitsandbytes re-wraps the gathered bytes around 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal, cast
@@ -314,10 +315,21 @@ def _quantize_pending(model: nn.Module, device: torch.device, recurse: bool = Tr
 
 def _move_to(module: nn.Module, device: torch.device, recurse: bool = True) -> None:
     """`module.to(device)`, leaving meta tensors (the placeholders of adopted shards) alone; nothing is
-    applied to a module already there (`_apply` would swap its DTensor parameters for themselves)."""
+    applied to a module already there (`_apply` would swap its DTensor parameters for themselves).
+
+    A torchmetrics ``Metric`` (a task's validation metrics) overrides ``_apply`` without ``recurse`` and
+    keeps its states outside ``_parameters``/``_buffers``: its own ``_apply`` moves them and its children.
+    """
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t if t.is_meta or t.device == device else t.to(device)
+
+    if "recurse" not in inspect.signature(module._apply).parameters:
+        module._apply(move)
+        return
     tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
     if any(not t.is_meta and t.device != device for t in tensors):
-        module._apply(lambda t: t if t.is_meta or t.device == device else t.to(device), recurse=recurse)
+        module._apply(move, recurse=recurse)
 
 
 def _check_storage(model: nn.Module, owner: str) -> None:

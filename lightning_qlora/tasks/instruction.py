@@ -19,9 +19,11 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
 from torchmetrics import MeanMetric
 
+from lightning_qlora._logging import rank_zero_warn
 from lightning_qlora.losses import causal_lm_loss_sum, chunk_tokens_for
 from lightning_qlora.pretrained import resolve_model_path
 from lightning_qlora.resumable import EpochRandomSampler
+from lightning_qlora.strategies.support import SHARDS_4BIT_ATTR
 
 from .classification import (
     DATA_DIR,
@@ -136,6 +138,19 @@ def encode_instruction(
         )
     response = [*tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"], eos]
     return join_pair(*truncate_pair(prompt, response, max_length))
+
+
+def encode_text(text: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
+    """Plain text with labels on every token: BOS (if the tokenizer has one), the text, EOS.
+
+    The first token is never predicted (nothing comes before it), so it is the "prompt": validation
+    samples continue from it, and truncation keeps it and cuts the end.
+    """
+    bos, eos, _ = special_token_ids(tokenizer)
+    ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+    if bos is not None:
+        return join_pair([bos], ids)
+    return join_pair(ids[:1], ids[1:])
 
 
 def truncate_pair(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -333,6 +348,8 @@ class InstructionDataModule(JsonlDataModule):
         tokenizer, chat = self.tokenizer, self.chat_template
         if self.resolved_format == "messages":
             return encode_messages(record["messages"], tokenizer, where)
+        if self.resolved_format == "text":
+            return encode_text(record["text"], tokenizer)
         if self.resolved_format == "prompt_completion":
             prompt, response_text = prompt_ids(record["prompt"], tokenizer, chat), record["completion"]
         else:
@@ -524,13 +541,24 @@ class CausalLMInstructionModule(TokenCountingModule):
         """Greedy samples of each validation run by global step: {step: [{prompt, response, reference}]}."""
 
     def on_fit_start(self) -> None:
-        """Different tokenizers in data and model train on garbage ids without any error: refuse early."""
+        """Different tokenizers in data and model train on garbage ids without any error: refuse early.
+
+        Under a strategy that shards the model (``qlora_fsdp``) the loss is the plain one: the chunked
+        path calls the decoder directly, past the forward hooks of the FSDP2 root unit that gather the
+        decoder's final norm.
+        """
         data_tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         if data_tokenizer is not None and data_tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(
                 "The datamodule's tokenizer differs from the model's: pass the model folder as the "
                 "datamodule's tokenizer_path."
             )
+        if self.chunk_tokens is not None and getattr(self.trainer.strategy, SHARDS_4BIT_ATTR, False):
+            rank_zero_warn(
+                f"{type(self.trainer.strategy).__name__}: the loss is computed the plain way (full logits); "
+                "the chunked cross-entropy does not work with a sharded model yet."
+            )
+            self.chunk_tokens = None
 
     def _loss_chunk_tokens(self, chunked: bool, chunk_tokens: int | None) -> int | None:
         """Rows per loss chunk, or None for the plain path (off, or a model whose logits are transformed
@@ -704,11 +732,14 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split()).removesuffix(".").strip()
 
 
-_RESPONSE_FIELD = {"messages": "assistant turn", "prompt_completion": '"completion"', "alpaca": '"output"'}
+_RESPONSE_FIELD = {
+    "messages": "assistant turn", "prompt_completion": '"completion"', "alpaca": '"output"', "text": '"text"',
+}  # fmt: skip
+_RESPONSE_KEY = {"prompt_completion": "completion", "alpaca": "output", "text": "text"}
 
 
 def _response_text(record: Mapping[str, Any], fmt: str) -> str:
     """What the loss is computed on in a normalized record of format `fmt`."""
     if fmt == "messages":
         return "".join(m["content"] for m in record["messages"] if m["role"] == "assistant")
-    return str(record["completion" if fmt == "prompt_completion" else "output"])
+    return str(record[_RESPONSE_KEY[fmt]])

@@ -3,7 +3,9 @@
 * ``messages``: ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}``,
   multi-turn; rendered by the tokenizer's chat template, with the loss on the assistant turns only;
 * ``prompt_completion``: ``{"prompt": "...", "completion": "..."}``, loss on the completion;
-* ``alpaca``: ``{"instruction", "input" (optional), "output"}``, loss on the output.
+* ``alpaca``: ``{"instruction", "input" (optional), "output"}``, loss on the output;
+* ``text``: ``{"text": "..."}``, plain text (continued pre-training; TRL's language-modeling records), loss
+  on every token.
 
 Users' column names map onto these with ``columns`` (``{"messages": "conversations", "role": "from",
 "content": "value"}`` reads ShareGPT files) and role names with ``roles`` (``{"human": "user", "gpt":
@@ -23,18 +25,20 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
-FORMATS = ("messages", "prompt_completion", "alpaca")
+FORMATS = ("messages", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant", "tool")
 FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages", "role", "content"),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
+    "text": ("text",),
 }
 """The names ``columns`` may map, per format."""
 NEEDS: dict[str, str] = {
     "messages": "messages (a list of turns with role and content)",
     "prompt_completion": "prompt and completion",
     "alpaca": "instruction and output (input optional)",
+    "text": "text (a string)",
 }
 
 
@@ -60,10 +64,12 @@ def detect_format(record: SourcedRecord, columns: Mapping[str, str]) -> str:
         return "prompt_completion"
     if name["instruction"] in keys or name["output"] in keys:
         return "alpaca"
+    if name["text"] in keys:
+        return "text"
     raise DataError(
         f"{record.where}: cannot tell the data format from the keys {sorted(keys)}; expected 'messages' "
-        "(conversations), 'prompt' and 'completion', or 'instruction' and 'output' (alpaca). Name the "
-        "format with data.format= and your column names with data.columns={messages: <your column>, ...}"
+        "(conversations), 'prompt' and 'completion', 'instruction' and 'output' (alpaca), or 'text'. Name "
+        "the format with data.format= and your column names with data.columns={messages: <your column>, ...}"
     )
 
 
@@ -114,6 +120,11 @@ def normalize_record(
                 f"{where}: no assistant turn, so nothing to learn (roles: {[m['role'] for m in messages]})"
             )
         return {"messages": messages}
+    if fmt == "text":
+        text = _string(_field(record, "text", col["text"], where, fmt), col["text"], where)
+        if not text.strip():
+            raise DataError(f"{where}: empty {col['text']!r}, so nothing to learn")
+        return {"text": text}
     if fmt == "prompt_completion":
         prompt = _string(_field(record, "prompt", col["prompt"], where, fmt), col["prompt"], where)
         completion = _string(

@@ -113,6 +113,10 @@ def test_console_script_multirun(tmp_path: Path) -> None:
     assert "| rank | overrides | val/loss (tuned) |" in table
     assert table.index(best_first[0].split("_")[1]) < table.index(best_first[1].split("_")[1])
     assert "==== sweep: 2 jobs, best first ====" in proc.stdout
+    # each job printed what it trains on before its model loaded
+    output = proc.stdout + proc.stderr
+    assert output.count("(alpaca), max_length 24, packing off") == 2
+    assert "real tokens in padded training batches" in output
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:

@@ -198,6 +198,25 @@ def test_truncation_on_cuts_and_counts(tmp_path: Path, smollm2_dir: Path) -> Non
     assert "1 truncated" in format_data_report(report)
 
 
+def test_plain_text_trains_on_every_token_and_mapped_text_columns(tmp_path: Path, smollm2_dir: Path) -> None:
+    texts = [{"body": "The sky is blue."}, {"body": "Two and two make four."}, {"body": "Bye."}]
+    dm = datamodule(write_jsonl(tmp_path / "t", texts, texts), smollm2_dir, columns={"text": "body"})
+    dm.read_records()
+    assert dm.resolved_format == "text"
+    tok = dm.tokenizer
+    for record, ex in zip(texts, dm.datasets["train"], strict=True):
+        ids, labels = ex["input_ids"], ex["labels"]
+        assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]).endswith(record["body"])
+        assert labels[0] == IGNORE_INDEX and labels[1:] == ids[1:]  # every token that can be predicted
+    longer = sum(len(ids) > 4 for ids in dm.datasets["train"]["input_ids"])
+    short = datamodule(tmp_path / "t", smollm2_dir, columns={"text": "body"}, max_length=4)
+    assert short.data_report()["splits"]["train"]["truncated"] == longer >= 2
+    plain = [{"text": t["body"]} for t in texts]
+    bad = write_jsonl(tmp_path / "bad", [*plain, {"text": "  "}], plain)
+    with pytest.raises(DataError, match=r"train\.jsonl:4: empty 'text', so nothing to learn"):
+        datamodule(bad, smollm2_dir).read_records()
+
+
 def test_unrecognised_keys_and_bad_settings(tmp_path: Path, smollm2_dir: Path) -> None:
     qa = [{"question": "q", "answer": "a"}]
     folder = write_jsonl(tmp_path / "d", qa, qa)

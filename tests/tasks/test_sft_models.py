@@ -1,5 +1,5 @@
-"""Users' model folders (tiny random Llama, Qwen2, Mistral, Gemma written with save_pretrained), packed
-rows whose per-token losses equal the unpacked ones, and a loss that is the token mean of the whole step."""
+"""Users' model folders (tiny random Llama, Qwen2, Mistral, Gemma, SmolLM3 written with save_pretrained),
+packed rows whose per-token losses equal the unpacked ones, and a loss that is the token mean of the step."""
 
 from __future__ import annotations
 
@@ -132,6 +132,8 @@ def test_packed_fit_on_a_saved_llama(
     assert "position_ids" in batch and batch["input_ids"].size(0) < 4
     report = dm.data_report()
     assert report["packing"] and 0.5 < report["token_efficiency"] <= 1.0
+    lengths = [len(ids) for ids in dm.datasets["train"]["input_ids"]]
+    useful = sum(lengths[i] for indices in dm.train_batches()[:2] for i in indices)
     model = TrainableLM(pretrained_path=folder, num_samples_to_generate=0)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
@@ -141,6 +143,7 @@ def test_packed_fit_on_a_saved_llama(
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert model.tokens_seen == int(trainer.callback_metrics["train/tokens_seen"])
+    assert model.tokens_seen == useful  # the real tokens of the two packed batches, not their slots
 
 
 @pytest.mark.slow
@@ -190,19 +193,24 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch() -> None
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_give_the_gradients_of_one_process(tmp_path: Path) -> None:
-    """Ranks with different token counts: the all-reduced step is the token mean over both ranks."""
+@pytest.mark.parametrize("strategy", ["ddp", "qlora_fsdp"])
+def test_two_ranks_give_the_gradients_of_one_process(tmp_path: Path, strategy: str) -> None:
+    """Ranks with different token counts: the all-reduced step is the token mean over both ranks, with
+    DDP and with the gradients sharded by qlora_fsdp."""
     script = Path(__file__).with_name("token_loss_ddp_script.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), *sys.path])}
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, str(script), str(tmp_path), strategy],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     dm = InstructionDataModule(batch_size=8)
     dm.setup()
     torch.manual_seed(0)
-    reference = TrainableLM(model_config=TINY, num_samples_to_generate=0)
+    # qlora_fsdp computes the plain loss (see CausalLMInstructionModule.on_fit_start): so does the reference
+    chunked = strategy != "qlora_fsdp"
+    reference = TrainableLM(model_config=TINY, num_samples_to_generate=0, chunked_loss=chunked)
     loss_sum, n = reference.loss_sum(dm.collate([dm.datasets["train"][i] for i in range(8)]))
     (loss_sum / n).backward()
     for name, p in reference.named_parameters():

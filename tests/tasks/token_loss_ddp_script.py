@@ -1,9 +1,11 @@
 """2 CPU ranks (gloo), 2 micro-batches each, one optimizer step; each rank saves its gradients.
 
 Lightning starts the second process by running this file again, so it is a script, not a test; see
-test_sft_models.py, which compares the gradients with one process over all four micro-batches.
+test_sft_models.py, which compares the gradients with one process over all four micro-batches. The
+strategy is DDP or the package's ``qlora_fsdp`` (FSDP2: each rank holds a shard of every gradient; the
+whole gradients are gathered before they are saved).
 
-    python token_loss_ddp_script.py OUT
+    python token_loss_ddp_script.py OUT [ddp|qlora_fsdp]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from test_sft_models import TINY, TrainableLM, micro_batches  # this script's folder is on sys.path
+from torch.distributed.tensor import DTensor
 
 from lightning_qlora.tasks import InstructionDataModule
 
@@ -42,20 +45,25 @@ class SavingLM(TrainableLM):
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         super().on_before_optimizer_step(optimizer)
-        torch.save(
-            {"grads": self.captured, "loss": self.last_step_loss}, self.out / f"rank{self.global_rank}.pt"
-        )
+        # a DTensor shard is gathered (a collective: every rank gathers the same names in the same order)
+        grads = {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in self.captured.items()}
+        torch.save({"grads": grads, "loss": self.last_step_loss}, self.out / f"rank{self.global_rank}.pt")
 
 
-def main(out: Path) -> None:
+def main(out: Path, strategy_name: str = "ddp") -> None:
     dm = InstructionDataModule(batch_size=8)
     dm.setup()
     torch.manual_seed(0)
     model = SavingLM(out, model_config=TINY, num_samples_to_generate=0)
+    strategy: Any = DDPStrategy(process_group_backend="gloo")
+    if strategy_name == "qlora_fsdp":
+        from lightning_qlora import QLoRAFSDPStrategy
+
+        strategy = QLoRAFSDPStrategy(process_group_backend="gloo")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=DDPStrategy(process_group_backend="gloo"),
+        strategy=strategy,
         max_steps=1,
         accumulate_grad_batches=2,
         use_distributed_sampler=False,
@@ -70,4 +78,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])
