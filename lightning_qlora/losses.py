@@ -55,27 +55,39 @@ def _head_cross_entropy_sum(
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def chunk_count(rows: int, chunk_tokens: int) -> int:
+    """The number of chunks of at most ``chunk_tokens`` rows that hold ``rows`` rows."""
+    return -(-rows // chunk_tokens)
+
+
 def chunked_cross_entropy_sum(
     states: Tensor,
     head: Callable[[Tensor], Tensor],
     targets: Tensor,
     chunk_tokens: int,
     softcap: float | None = None,
+    min_chunks: int = 0,
 ) -> Tensor:
     """Sum of ``cross_entropy(head(states), targets)`` over rows, at most ``chunk_tokens`` rows at a time.
 
     One chunk runs directly (no recomputation: nothing to save); several are checkpointed so that only
-    one chunk's logits exist at any time, in forward and in backward.
+    one chunk's logits exist at any time, in forward and in backward. ``min_chunks`` pads with empty
+    chunks: the head then runs the same number of times on every process of a sharded model, whose head
+    gathers its weights at each call (a collective that every process must join).
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
-    if states.size(0) == 0:
+    if min_chunks < 0:
+        raise ValueError(f"min_chunks must be >= 0, got {min_chunks}")
+    chunks = max(chunk_count(states.size(0), chunk_tokens), min_chunks)
+    if chunks == 0:
         # no target at all: a zero that still depends on the graph, so backward works and adds nothing
         return states.sum() * 0.0
-    if states.size(0) <= chunk_tokens:
+    if chunks == 1:
         return _head_cross_entropy_sum(head, states, targets, softcap)
     total: Tensor | None = None
-    for start in range(0, states.size(0), chunk_tokens):
+    for index in range(chunks):
+        start = index * chunk_tokens
         part = checkpoint(
             _head_cross_entropy_sum,
             head,
@@ -95,10 +107,12 @@ def causal_lm_loss_sum(
     labels: Tensor,
     chunk_tokens: int | None,
     softcap: float | None = None,
+    min_chunks: int = 0,
 ) -> tuple[Tensor, int]:
     """(summed next-token cross-entropy, number of target tokens) from the decoder's last hidden states.
 
     ``chunk_tokens=None`` is the plain path: every position's logits at once (what transformers does).
+    ``min_chunks``: see :func:`chunked_cross_entropy_sum`.
     """
     states, targets = shifted_targets(hidden, labels)
     n = int(targets.numel())
@@ -110,4 +124,4 @@ def causal_lm_loss_sum(
             logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), reduction="sum"
         )
         return loss, n
-    return chunked_cross_entropy_sum(states, head, targets, chunk_tokens, softcap), n
+    return chunked_cross_entropy_sum(states, head, targets, chunk_tokens, softcap, min_chunks), n

@@ -90,3 +90,30 @@ def test_chunk_size_follows_the_memory_budget_and_bad_sizes_are_refused() -> Non
         chunked_cross_entropy_sum(hidden[0], head, labels[0], 0)
     with pytest.raises(ValueError, match="disagree"):
         causal_lm_loss_sum(hidden, head, labels[:, :-1], 8)
+
+
+@pytest.mark.parametrize("labels_kept", [None, 0])
+def test_min_chunks_pads_with_empty_head_calls_and_leaves_the_result_unchanged(
+    labels_kept: int | None,
+) -> None:
+    """A sharded head must run as often on every process: padded chunks call it on no rows, add nothing."""
+    hidden, head, labels = _inputs()
+    if labels_kept == 0:
+        labels[:] = IGNORE_INDEX  # a rank without targets still calls the head min_chunks times
+    n_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    calls: list[int] = []
+    head.register_forward_pre_hook(lambda _m, args: calls.append(args[0].size(0)))
+    expected, _ = causal_lm_loss_sum(hidden, head, labels, chunk_tokens=8)
+    expected.backward()
+    expected_grad = hidden.grad.clone() if hidden.grad is not None else None
+    hidden.grad = None
+    calls.clear()
+    loss, _ = causal_lm_loss_sum(hidden, head, labels, chunk_tokens=8, min_chunks=12)
+    assert len(calls) == 12 and sum(calls) == n_targets  # forward: 12 calls, the extra ones empty
+    loss.backward()
+    assert len(calls) == 24  # each chunk recomputed once in backward
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=0, atol=0)
+    if expected_grad is not None:
+        torch.testing.assert_close(hidden.grad, expected_grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="min_chunks must be >= 0, got -1"):
+        chunked_cross_entropy_sum(hidden[0], head, labels[0], 8, min_chunks=-1)

@@ -213,6 +213,7 @@ class QLoRAFSDPStrategy(_PagedOptimizerMixin, ModelParallelStrategy):
         roots = _root_units(model, [*layers, *leaves])
         for root in roots:
             shard(root, [sub for sub in root.modules() if id(sub) not in inside])
+            _gather_root_for_direct_calls(root, inside)
         self._units = [*layers, *leaves, *roots]
         classes = sorted({type(m).__name__.removeprefix("FSDP") for m in layers})
         rank_zero_info(
@@ -410,6 +411,28 @@ def _root_units(model: nn.Module, layers: Sequence[nn.Module]) -> list[nn.Module
         else:
             roots.append(child)
     return roots
+
+
+def _gather_root_for_direct_calls(root: nn.Module, inside: set[int]) -> None:
+    """Make the root unit's parameters usable when a submodule is called without the root's forward.
+
+    FSDP2 gathers a unit in its own forward hooks, and the first unit to run forward becomes the root of
+    the units below it. A task may call parts of the model directly (the chunked loss calls the decoder,
+    then the LM head, never the causal LM's forward): the root's parameters that those parts own (the
+    final norm, tied embeddings) would stay sharded, and the first layer to run would become a root (never
+    resharded after forward). So the root is initialised now, whatever runs first, and each module that
+    owns root parameters gathers the root before its own forward (a no-op once gathered; FSDP2 reshards
+    the root after backward, as when the root's own forward ran).
+    """
+    owners = [
+        sub
+        for sub in root.modules()
+        if sub is not root and id(sub) not in inside and any(True for _ in sub.parameters(recurse=False))
+    ]
+    unit = cast(Any, root)
+    unit._get_fsdp_state()._lazy_init()  # FSDP2 offers no public call; its forward would do this first
+    for sub in owners:
+        sub.register_forward_pre_hook(lambda *_: unit.unshard())
 
 
 def _adapter_only_keys(module: pl.LightningModule) -> set[str] | None:

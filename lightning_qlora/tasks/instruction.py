@@ -19,8 +19,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
 from torchmetrics import MeanMetric
 
-from lightning_qlora._logging import rank_zero_warn
-from lightning_qlora.losses import causal_lm_loss_sum, chunk_tokens_for
+from lightning_qlora.losses import causal_lm_loss_sum, chunk_count, chunk_tokens_for
 from lightning_qlora.pretrained import resolve_model_path
 from lightning_qlora.resumable import EpochRandomSampler
 from lightning_qlora.strategies.support import SHARDS_4BIT_ATTR
@@ -541,24 +540,13 @@ class CausalLMInstructionModule(TokenCountingModule):
         """Greedy samples of each validation run by global step: {step: [{prompt, response, reference}]}."""
 
     def on_fit_start(self) -> None:
-        """Different tokenizers in data and model train on garbage ids without any error: refuse early.
-
-        Under a strategy that shards the model (``qlora_fsdp``) the loss is the plain one: the chunked
-        path calls the decoder directly, past the forward hooks of the FSDP2 root unit that gather the
-        decoder's final norm.
-        """
+        """Different tokenizers in data and model train on garbage ids without any error: refuse early."""
         data_tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         if data_tokenizer is not None and data_tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(
                 "The datamodule's tokenizer differs from the model's: pass the model folder as the "
                 "datamodule's tokenizer_path."
             )
-        if self.chunk_tokens is not None and getattr(self.trainer.strategy, SHARDS_4BIT_ATTR, False):
-            rank_zero_warn(
-                f"{type(self.trainer.strategy).__name__}: the loss is computed the plain way (full logits); "
-                "the chunked cross-entropy does not work with a sharded model yet."
-            )
-            self.chunk_tokens = None
 
     def _loss_chunk_tokens(self, chunked: bool, chunk_tokens: int | None) -> int | None:
         """Rows per loss chunk, or None for the plain path (off, or a model whose logits are transformed
@@ -597,7 +585,24 @@ class CausalLMInstructionModule(TokenCountingModule):
         hidden = self.model.get_decoder()(**inputs).last_hidden_state
         head = self.model.get_output_embeddings()
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        return causal_lm_loss_sum(hidden, head, batch["labels"], self.chunk_tokens, softcap)
+        chunks = self._chunks_on_every_rank(batch["labels"], self.chunk_tokens)
+        return causal_lm_loss_sum(hidden, head, batch["labels"], self.chunk_tokens, softcap, chunks)
+
+    def _chunks_on_every_rank(self, labels: Tensor, chunk_tokens: int) -> int:
+        """Under a strategy that shards the model, the most loss chunks of any rank (0 otherwise).
+
+        There the LM head is an FSDP unit that gathers its weights at each call (and each recomputation
+        in backward): every rank must call it as often as the others, or their collectives mismatch. One
+        scalar all-reduce per micro-batch.
+        """
+        trainer = self._trainer
+        if trainer is None or not getattr(trainer.strategy, SHARDS_4BIT_ATTR, False):
+            return 0
+        rows = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        count = torch.tensor(chunk_count(rows, chunk_tokens), device=labels.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return int(count)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         loss_sum, tokens = self.loss_sum(batch)

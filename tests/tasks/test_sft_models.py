@@ -21,6 +21,8 @@ from lightning_qlora.tasks.instruction import IGNORE_INDEX
 from lightning_qlora.tasks.packing import collate_packed, pack_rows
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2}
+LOSS_CHUNK = 4
+"""Rows per loss chunk in the rank tests: several chunks per micro-batch, each head call its own."""
 TURNS = [
     ("What is 2 + 3?", "5"),
     ("Name a color.", "Blue."),
@@ -193,10 +195,12 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch() -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "qlora_fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "qlora_fsdp", "qlora_fsdp_tied"])
 def test_two_ranks_give_the_gradients_of_one_process(tmp_path: Path, strategy: str) -> None:
     """Ranks with different token counts: the all-reduced step is the token mean over both ranks, with
-    DDP and with the gradients sharded by qlora_fsdp."""
+    DDP and with the gradients sharded by qlora_fsdp. The loss is the chunked one (the decoder, then the
+    head chunk by chunk, never the causal LM's forward): under qlora_fsdp the final norm (and, tied, the
+    embedding shared with the head) must still be gathered, and their gradients reduce-scattered."""
     script = Path(__file__).with_name("token_loss_ddp_script.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), *sys.path])}
     result = subprocess.run(
@@ -208,9 +212,9 @@ def test_two_ranks_give_the_gradients_of_one_process(tmp_path: Path, strategy: s
     dm = InstructionDataModule(batch_size=8)
     dm.setup()
     torch.manual_seed(0)
-    # qlora_fsdp computes the plain loss (see CausalLMInstructionModule.on_fit_start): so does the reference
-    chunked = strategy != "qlora_fsdp"
-    reference = TrainableLM(model_config=TINY, num_samples_to_generate=0, chunked_loss=chunked)
+    config = {**TINY, "tie_word_embeddings": strategy.endswith("_tied")}
+    reference = TrainableLM(model_config=config, num_samples_to_generate=0, loss_chunk_tokens=LOSS_CHUNK)
+    assert reference.chunk_tokens == LOSS_CHUNK
     loss_sum, n = reference.loss_sum(dm.collate([dm.datasets["train"][i] for i in range(8)]))
     (loss_sum / n).backward()
     for name, p in reference.named_parameters():

@@ -5,7 +5,7 @@ test_sft_models.py, which compares the gradients with one process over all four 
 strategy is DDP or the package's ``qlora_fsdp`` (FSDP2: each rank holds a shard of every gradient; the
 whole gradients are gathered before they are saved).
 
-    python token_loss_ddp_script.py OUT [ddp|qlora_fsdp]
+    python token_loss_ddp_script.py OUT [ddp|qlora_fsdp|qlora_fsdp_tied]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
-from test_sft_models import TINY, TrainableLM, micro_batches  # this script's folder is on sys.path
+from test_sft_models import LOSS_CHUNK, TINY, TrainableLM, micro_batches  # on sys.path
 from torch.distributed.tensor import DTensor
 
 from lightning_qlora.tasks import InstructionDataModule
@@ -54,9 +54,10 @@ def main(out: Path, strategy_name: str = "ddp") -> None:
     dm = InstructionDataModule(batch_size=8)
     dm.setup()
     torch.manual_seed(0)
-    model = SavingLM(out, model_config=TINY, num_samples_to_generate=0)
+    config = {**TINY, "tie_word_embeddings": strategy_name.endswith("_tied")}
+    model = SavingLM(out, model_config=config, num_samples_to_generate=0, loss_chunk_tokens=LOSS_CHUNK)
     strategy: Any = DDPStrategy(process_group_backend="gloo")
-    if strategy_name == "qlora_fsdp":
+    if strategy_name.startswith("qlora_fsdp"):
         from lightning_qlora import QLoRAFSDPStrategy
 
         strategy = QLoRAFSDPStrategy(process_group_backend="gloo")
