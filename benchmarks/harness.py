@@ -40,6 +40,15 @@ from lightning_qlora._atomic import atomic_write_text
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
+# A benchmark's Trainer: no logger, checkpoints, bars, summary or validation; only the steps it measures.
+SILENT_TRAINER: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
 
 # --------------------------------------------------------------------------------------------------------
 # Machine info
@@ -502,12 +511,7 @@ def fit_causal_lm(
         precision=None if plugins else full_precision,
         callbacks=[*callbacks, Metered()],
         max_steps=len(data),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **SILENT_TRAINER,
     )
     trainer.fit(CausalLM(model), DataLoader(data, batch_size=1, shuffle=False))
     return probe[0]

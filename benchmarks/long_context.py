@@ -43,6 +43,7 @@ from typing import Any
 
 from benchmarks.harness import (
     MIB,
+    SILENT_TRAINER,
     ProcessMeter,
     StepMeter,
     add_worker_options,
@@ -158,12 +159,7 @@ def run_ours(args: argparse.Namespace, device: Any, batches: list[Any], meter: S
             max_grad_norm=MAX_GRAD_NORM,
         ),
         max_steps=len(batches),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **SILENT_TRAINER,
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return {"chunk_tokens": module.chunk_tokens}

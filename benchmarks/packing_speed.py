@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.harness import (
+    SILENT_TRAINER,
     add_worker_options,
     base_parser,
     describe_exception,
@@ -144,12 +145,7 @@ def worker_main(args: argparse.Namespace) -> int:
             callbacks=[LoRA(r=8, alpha=16, dropout=0.05, export_dir=None), Timed()],
             strategy=QLoRAStrategy(optimizer={"lr": 1e-3}),
             max_steps=len(steps),
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
+            **SILENT_TRAINER,
         )
         loader = torch.utils.data.DataLoader([batch for _, batch in steps], batch_size=None)
         trainer.fit(module, train_dataloaders=loader)

@@ -47,6 +47,7 @@ from typing import Any
 
 from benchmarks.harness import (
     MIB,
+    SILENT_TRAINER,
     ProcessMeter,
     StepMeter,
     base_parser,
@@ -240,12 +241,7 @@ def worker_main(args: argparse.Namespace) -> int:
             plugins=[QLoRAPrecision(compute_dtype="float32", log_report=False)],
             callbacks=[LoRA(**LORA), Metered()],
             max_steps=total,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
+            **SILENT_TRAINER,
             use_distributed_sampler=False,
         )
         trainer.fit(CausalLM(), DataLoader(data, batch_size=1, shuffle=False))
