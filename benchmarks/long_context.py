@@ -170,7 +170,7 @@ def run_peft(args: argparse.Namespace, device: Any, batches: list[Any], meter: S
     import bitsandbytes as bnb
     import torch
 
-    from benchmarks.train_memory_speed import peft_model
+    from benchmarks.train_memory_speed import peft_model, peft_steps
 
     path, _ = model_paths(args.model, Path(args.model_dir))
     compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -179,15 +179,7 @@ def run_peft(args: argparse.Namespace, device: Any, batches: list[Any], meter: S
     optimizer = bnb.optim.PagedAdamW(params, lr=LR)
     meter.start_training()
     args.limit.phase = "training"
-    for batch in batches:
-        ids = batch["input_ids"].to(device)
-        meter.before_step()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        meter.after_step(float(loss.detach()))
+    peft_steps(model, (batch["input_ids"].to(device) for batch in batches), params, optimizer, meter)
     return {}
 
 

@@ -47,7 +47,7 @@ import gc
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,10 +242,31 @@ def peft_model(model_dir: Path, device: Any, compute_dtype: Any, lora: Mapping[s
     return get_peft_model(model, lora_config).train()
 
 
+def peft_steps(
+    model: Any,
+    batches: Iterable[Any],
+    params: Sequence[Any],
+    optimizer: Any,
+    meter: StepMeter,
+    after_step: Callable[[], object] = lambda: None,
+) -> None:
+    """The PEFT reference's plain loop: the steps the Trainer runs for ours (loss, backward, clip, step)."""
+    import torch
+
+    for ids in batches:
+        meter.before_step()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        meter.after_step(float(loss.detach()))
+        after_step()
+
+
 def run_peft(model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]) -> None:
     """The reference stack: transformers + PEFT, bitsandbytes' PagedAdamW, a plain PyTorch loop."""
     import bitsandbytes as bnb
-    import torch
 
     device, meter, summary = ctx["device"], ctx["meter"], ctx["summary"]
     model = peft_model(model_dir, device, torch_dtype(args.compute_dtype))
@@ -254,16 +275,8 @@ def run_peft(model_dir: Path, args: argparse.Namespace, ctx: dict[str, Any]) -> 
     summary.update(param_summary(model))
     probe = LikeForLike(model)
     meter.start_training()
-    for batch in ctx["data"]:
-        batch = batch.unsqueeze(0).to(device)
-        meter.before_step()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        meter.after_step(float(loss.detach()))
-        probe.step_done()
+    batches = (batch.unsqueeze(0).to(device) for batch in ctx["data"])
+    peft_steps(model, batches, params, optimizer, meter, after_step=probe.step_done)
     summary["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     summary["like_for_like"] = probe.verify(expect_dropout=True)
 
