@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, cast
@@ -244,6 +245,9 @@ class LoRA(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        own_state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if isinstance(own_state, Mapping):  # the settings first: they name the cause of any key mismatch
+            self._check_same_config(own_state.get("config", {}))
         saved = set(checkpoint.get("state_dict", {}))
         trainable = trainable_state_keys(pl_module)
         model_keys = set(pl_module.state_dict(keep_vars=True))
@@ -286,16 +290,19 @@ class LoRA(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("config", {})
-        current = asdict(self.config)
-        changed = {k: (saved[k], current[k]) for k in saved if k in current and saved[k] != current[k]}
-        if changed:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"Resuming with a different LoRA configuration than the checkpoint's: {detail}.")
+        self._check_same_config(state_dict.get("config", {}))
         if "rng" in state_dict:
             restore_rng_state(state_dict["rng"])
         if "guard" in state_dict:
             self.guard.load_state_dict(state_dict["guard"])
+
+    def _check_same_config(self, saved_config: Mapping[str, Any]) -> None:
+        saved = _one_variant_field(saved_config)
+        current = _one_variant_field(asdict(self.config))
+        changed = {k: (saved[k], current[k]) for k in saved if k in current and saved[k] != current[k]}
+        if changed:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"Resuming with a different LoRA configuration than the checkpoint's: {detail}.")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -378,3 +385,13 @@ def trainable_state_keys(module: nn.Module) -> set[str]:
         if any(p.requires_grad for p in sub.parameters(recurse=False)):
             keys.update(f"{name}.{b}" if name else b for b, _ in sub.named_buffers(recurse=False))
     return keys
+
+
+def _one_variant_field(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved or current config with `use_dora` and `variant` folded into the variant they name, so a
+    checkpoint written with `use_dora=True` resumes under `variant="dora"` and the other way round."""
+    folded = dict(config)
+    use_dora = folded.pop("use_dora", False)
+    variant = folded.pop("variant", None)
+    folded["variant"] = "dora" if use_dora else (variant or "lora")
+    return folded

@@ -263,6 +263,32 @@ def test_resume_with_a_different_rank_is_refused(tmp_path: Path) -> None:
         trainer.fit(module, toy_loader(), ckpt_path=checkpoint)
 
 
+@pytest.mark.parametrize(
+    ("saved", "resumed"),
+    [({"use_dora": True}, {"variant": "dora"}), ({"variant": "dora"}, {"use_dora": True})],
+    ids=["use_dora-then-variant", "variant-then-use_dora"],
+)
+def test_resume_across_the_two_spellings_of_dora(
+    tmp_path: Path, saved: dict[str, object], resumed: dict[str, object]
+) -> None:
+    """`use_dora=True` and `variant="dora"` are one configuration: a checkpoint of one resumes under the
+    other, while plain LoRA is still refused, naming the variant."""
+
+    def base() -> TinyClassifier:  # the same base weights each time, as a resume needs
+        pl.seed_everything(7, workers=True)
+        return TinyClassifier()
+
+    callbacks = [LoRA(r=4, **saved), ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=4)]
+    make_trainer(tmp_path / "b", 4, callbacks=callbacks).fit(base(), toy_loader(n=64))
+    checkpoint = next((tmp_path / "b").glob("*.ckpt"))
+    trainer = make_trainer(tmp_path / "c", 8, callbacks=[LoRA(r=4, **resumed)], enable_checkpointing=False)
+    trainer.fit(base(), toy_loader(n=64), ckpt_path=checkpoint)
+    assert trainer.global_step == 8
+    trainer = make_trainer(tmp_path / "d", 8, callbacks=[LoRA(r=4)], enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"variant: checkpoint 'dora' vs now 'lora'"):
+        trainer.fit(base(), toy_loader(n=64), ckpt_path=checkpoint)
+
+
 def test_export_includes_a_head_outside_model_when_asked(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
